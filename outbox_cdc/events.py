@@ -1,0 +1,276 @@
+"""The event model and its one mapping to a Kafka record.
+
+Every relay mode (WAL table, WAL logical message, polling) produces exactly the record built by
+:func:`to_record`:
+
+* value   = the payload bytes, untouched;
+* key     = the event key encoded as UTF-8, or no key;
+* headers = the CloudEvents Kafka *binary* binding (``ce_specversion`` = ``1.0``, ``ce_id``,
+  ``ce_type``, ``ce_source``, ``ce_time`` in RFC 3339 UTC, ``content-type``), then the user's
+  headers in the order they were given.
+
+This module does no IO. Validation here is what the insert API runs before writing anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from outbox_cdc.errors import EventDecodeError, EventValidationError
+
+DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
+DEFAULT_SOURCE = "outbox-cdc"
+CONTENT_TYPE_JSON = "application/json"
+CONTENT_TYPE_TEXT = "text/plain; charset=utf-8"
+CONTENT_TYPE_BYTES = "application/octet-stream"
+
+# Kafka topic names: [a-zA-Z0-9._-], at most 249 characters, not "." or ".."
+# (org.apache.kafka.common.internals.Topic.validate).
+_TOPIC_RE = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+_RESERVED_HEADERS = frozenset(
+    {"ce_specversion", "ce_id", "ce_type", "ce_source", "ce_time", "content-type"}
+)
+
+HeaderValue = str | bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    """One event as stored in the outbox and as read back by a relay.
+
+    ``headers`` holds the user's headers only (the CloudEvents ones are derived).
+    """
+
+    id: uuid.UUID
+    created_at: datetime
+    topic: str
+    type: str
+    payload: bytes
+    content_type: str
+    key: str | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaRecord:
+    """What a sink sends: topic, key, value and headers, all already encoded."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    event_id: str
+
+
+def validate_topic(topic: object) -> str:
+    if not isinstance(topic, str) or not topic:
+        raise EventValidationError("topic", "must be a non-empty string")
+    if topic in (".", "..") or not _TOPIC_RE.fullmatch(topic):
+        raise EventValidationError(
+            "topic",
+            f"{topic[:60]!r} is not a legal Kafka topic name: use 1-249 characters from "
+            "[a-zA-Z0-9._-], not '.' or '..'",
+        )
+    return topic
+
+
+def encode_payload(payload: object, content_type: str | None) -> tuple[bytes, str]:
+    """Turn a payload into bytes and pick its content type (an explicit one wins)."""
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return bytes(payload), content_type or CONTENT_TYPE_BYTES
+    if isinstance(payload, str):
+        return payload.encode("utf-8"), content_type or CONTENT_TYPE_TEXT
+    if isinstance(payload, dict | list):
+        try:
+            data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False,
+                              allow_nan=False).encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            raise EventValidationError(
+                "payload", f"cannot be serialized as JSON ({exc}); pass bytes or a str instead"
+            ) from None
+        return data, content_type or CONTENT_TYPE_JSON
+    dump = getattr(payload, "model_dump_json", None)  # pydantic v2 model
+    if callable(dump):
+        return str(dump()).encode("utf-8"), content_type or CONTENT_TYPE_JSON
+    raise EventValidationError(
+        "payload",
+        f"unsupported type {type(payload).__name__}: pass bytes, str, dict, list or a pydantic model",
+    )
+
+
+def normalize_headers(headers: Mapping[str, HeaderValue] | None) -> tuple[tuple[str, bytes], ...]:
+    if headers is None:
+        return ()
+    if not isinstance(headers, Mapping):
+        raise EventValidationError("headers", "must be a mapping of str to str or bytes")
+    out: list[tuple[str, bytes]] = []
+    for name, value in headers.items():
+        if not isinstance(name, str) or not name:
+            raise EventValidationError("headers", f"header name {name!r} must be a non-empty str")
+        if name in _RESERVED_HEADERS:
+            raise EventValidationError(
+                "headers", f"{name!r} is set by outbox-cdc (CloudEvents binding); rename it"
+            )
+        if isinstance(value, str):
+            out.append((name, value.encode("utf-8")))
+        elif isinstance(value, bytes | bytearray):
+            out.append((name, bytes(value)))
+        else:
+            raise EventValidationError(
+                "headers", f"value of {name!r} is {type(value).__name__}; use str or bytes"
+            )
+    return tuple(out)
+
+
+def create_event(
+    *,
+    topic: str,
+    type: str,
+    payload: object,
+    key: str | None = None,
+    headers: Mapping[str, HeaderValue] | None = None,
+    id: uuid.UUID | str | None = None,
+    content_type: str | None = None,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    now: datetime | None = None,
+) -> OutboxEvent:
+    """Validate the insert API's arguments and build the event. Raises EventValidationError."""
+    validate_topic(topic)
+    if not isinstance(type, str) or not type.strip():
+        raise EventValidationError("type", "must be a non-empty string, e.g. 'order.created'")
+    if key is not None and not isinstance(key, str):
+        raise EventValidationError("key", f"must be a str or None, not {key.__class__.__name__}")
+    if content_type is not None and (not isinstance(content_type, str) or not content_type):
+        raise EventValidationError("content_type", "must be a non-empty string or None")
+    data, ctype = encode_payload(payload, content_type)
+    if len(data) > max_payload_bytes:
+        raise EventValidationError(
+            "payload",
+            f"is {len(data)} bytes, above the limit of {max_payload_bytes} bytes; store large "
+            "data elsewhere and publish a reference, or raise max_payload_bytes",
+        )
+    if id is None:
+        event_id = uuid.uuid4()
+    elif isinstance(id, uuid.UUID):
+        event_id = id
+    else:
+        try:
+            event_id = uuid.UUID(str(id))
+        except ValueError:
+            raise EventValidationError("id", f"{id!r} is not a UUID") from None
+    return OutboxEvent(
+        id=event_id,
+        created_at=now or datetime.now(timezone.utc),
+        topic=topic,
+        type=type,
+        payload=data,
+        content_type=ctype,
+        key=key,
+        headers=normalize_headers(headers),
+    )
+
+
+# -- headers as stored in the outbox (a JSON object) --------------------------------------------
+# A value is a JSON string (UTF-8 text) or {"base64": "..."} for bytes that are not UTF-8.
+
+
+def headers_to_json(headers: tuple[tuple[str, bytes], ...]) -> str:
+    obj: dict[str, Any] = {}
+    for name, value in headers:
+        try:
+            obj[name] = value.decode("utf-8")
+        except UnicodeDecodeError:
+            obj[name] = {"base64": base64.b64encode(value).decode("ascii")}
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def headers_from_obj(obj: object) -> tuple[tuple[str, bytes], ...]:
+    if not isinstance(obj, dict):
+        raise ValueError(f"headers must be a JSON object, got {type(obj).__name__}")
+    out: list[tuple[str, bytes]] = []
+    for name, value in obj.items():
+        if isinstance(value, str):
+            out.append((name, value.encode("utf-8")))
+        elif isinstance(value, dict) and isinstance(value.get("base64"), str):
+            out.append((name, base64.b64decode(value["base64"], validate=True)))
+        else:
+            raise ValueError(f"header {name!r} must be a string or {{\"base64\": ...}}")
+    return tuple(out)
+
+
+# -- the envelope of the table-less mode (a transactional logical decoding message) -------------
+# wal2json passes message content as text and cuts it at the first NUL byte, so the payload is
+# base64 inside a JSON envelope ("postgres-logical-decoding.md", logical decoding messages).
+
+ENVELOPE_VERSION = 1
+
+
+def envelope_to_json(event: OutboxEvent) -> str:
+    env = {
+        "v": ENVELOPE_VERSION,
+        "id": str(event.id),
+        "time": format_time(event.created_at),
+        "topic": event.topic,
+        "key": event.key,
+        "type": event.type,
+        "content_type": event.content_type,
+        "headers": json.loads(headers_to_json(event.headers)),
+        "payload": base64.b64encode(event.payload).decode("ascii"),
+    }
+    return json.dumps(env, separators=(",", ":"), ensure_ascii=False)
+
+
+def envelope_from_json(text: str, *, lsn: str | None = None) -> OutboxEvent:
+    try:
+        env = json.loads(text)
+        if not isinstance(env, dict):
+            raise ValueError("not a JSON object")
+        if env.get("v") != ENVELOPE_VERSION:
+            raise ValueError(f"unknown envelope version {env.get('v')!r}")
+        return OutboxEvent(
+            id=uuid.UUID(env["id"]),
+            created_at=datetime.fromisoformat(env["time"]),
+            topic=validate_topic(env["topic"]),
+            type=str(env["type"]),
+            payload=base64.b64decode(env["payload"], validate=True),
+            content_type=str(env["content_type"]),
+            key=env.get("key"),
+            headers=headers_from_obj(env.get("headers") or {}),
+        )
+    except (ValueError, KeyError, TypeError, EventValidationError) as exc:
+        raise EventDecodeError(f"invalid outbox message envelope: {exc}", lsn=lsn) from None
+
+
+def format_time(ts: datetime) -> str:
+    """RFC 3339 in UTC with a ``Z`` suffix, as CloudEvents ``time`` wants."""
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=timezone.utc)
+    return ts.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def to_record(event: OutboxEvent, source: str = DEFAULT_SOURCE) -> KafkaRecord:
+    """The Kafka record for an event: the single mapping used by every relay mode."""
+    event_id = str(event.id)
+    headers = [
+        ("ce_specversion", b"1.0"),
+        ("ce_id", event_id.encode()),
+        ("ce_type", event.type.encode("utf-8")),
+        ("ce_source", source.encode("utf-8")),
+        ("ce_time", format_time(event.created_at).encode()),
+        ("content-type", event.content_type.encode("utf-8")),
+    ]
+    headers.extend(event.headers)
+    return KafkaRecord(
+        topic=event.topic,
+        key=event.key.encode("utf-8") if event.key is not None else None,
+        value=event.payload,
+        headers=headers,
+        event_id=event_id,
+    )
