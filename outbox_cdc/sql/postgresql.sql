@@ -1,0 +1,42 @@
+-- outbox-cdc schema version 1 for PostgreSQL (both the WAL relay and the polling relay).
+-- {table} is the outbox table, schema-qualified (default public.outbox).
+
+CREATE TABLE IF NOT EXISTS {table} (
+    -- order of insertion; the polling relay reads in this order
+    seq          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    -- event id: the CloudEvents ce_id header, for consumers to detect duplicates
+    id           uuid        NOT NULL DEFAULT gen_random_uuid(),
+    -- when the event was written (CloudEvents ce_time)
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    -- Kafka topic the event goes to
+    topic        text        NOT NULL,
+    -- Kafka record key (UTF-8); events of one key keep their order; NULL = no key
+    "key"        text,
+    -- event type (CloudEvents ce_type), e.g. order.created
+    type         text        NOT NULL,
+    -- media type of the payload (content-type header)
+    content_type text        NOT NULL DEFAULT 'application/octet-stream',
+    -- the Kafka record value, byte for byte
+    payload      bytea       NOT NULL,
+    -- extra Kafka headers: a JSON object of name -> string (or {"base64": ...} for bytes)
+    headers      jsonb       NOT NULL DEFAULT '{}'::jsonb,
+    -- set by the polling relay once Kafka acknowledged the event; unused by the WAL relay
+    published_at timestamptz
+);
+
+-- The WAL relay's durable record of the last delivered commit (fewer duplicates after restarts).
+CREATE TABLE IF NOT EXISTS outbox_cdc_offsets (
+    slot_name     text        PRIMARY KEY,
+    delivered_lsn pg_lsn      NOT NULL,
+    updated_at    timestamptz NOT NULL DEFAULT now()
+);
+
+-- Which schema version each outbox table has, so later versions can migrate in place.
+CREATE TABLE IF NOT EXISTS outbox_cdc_schema (
+    table_name text        PRIMARY KEY,
+    version    integer     NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+INSERT INTO outbox_cdc_schema (table_name, version) VALUES ('{table}', 1)
+    ON CONFLICT (table_name) DO NOTHING;
