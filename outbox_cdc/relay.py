@@ -1,0 +1,376 @@
+"""The relay: source -> sink -> ack loop, with backpressure, retries and a clean shutdown.
+
+One thread runs the loop. The sink's delivery callbacks (from the client's IO thread) only put
+completions on a queue and wake the loop through a socket pair; all state changes happen here.
+
+What it must not do: confirm a position before the sink acknowledged every event up to it
+(that is :class:`~outbox_cdc.protocol.progress.AckTracker`'s rule), skip an event it could not
+publish, or retry silently (every state change is one log line).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from outbox_cdc.errors import (
+    EventDecodeError,
+    OutboxError,
+    PermanentDeliveryError,
+    PoisonEventError,
+    SinkError,
+    SlotInUseError,
+    SourceError,
+)
+from outbox_cdc.events import KafkaRecord, OutboxEvent, to_record
+from outbox_cdc.protocol.lsn import format_lsn
+from outbox_cdc.protocol.progress import AckTracker, Transaction
+from outbox_cdc.sinks.base import Sink
+from outbox_cdc.sources.base import BEGIN, Commit, Source
+
+log = logging.getLogger(__name__)
+
+
+class RelayObserver(Protocol):
+    """Hooks for metrics; every method must be cheap and must not raise."""
+
+    def published(self, record: KafkaRecord, commit_ts: float | None) -> None: ...
+
+    def state(self, state: str) -> None: ...
+
+    def error(self, reason: str) -> None: ...
+
+
+class NullObserver:
+    def published(self, record: KafkaRecord, commit_ts: float | None) -> None:
+        pass
+
+    def state(self, state: str) -> None:
+        pass
+
+    def error(self, reason: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class RelayOptions:
+    source_name: str = "outbox-cdc"
+    max_in_flight_events: int = 20_000
+    max_in_flight_bytes: int = 64 * 1024 * 1024
+    read_batch: int = 2_000
+    dead_letter_topic: str | None = None
+    shutdown_timeout: float = 30.0
+    standby_poll_interval: float = 2.0
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+
+
+class _Backoff:
+    def __init__(self, initial: float, maximum: float) -> None:
+        self.initial, self.maximum, self.current = initial, maximum, initial
+
+    def next(self) -> float:
+        delay = self.current
+        self.current = min(self.maximum, self.current * 2)
+        return delay
+
+    def reset(self) -> None:
+        self.current = self.initial
+
+
+class _Completion:
+    __slots__ = ("exc", "generation", "nbytes", "record", "txn")
+
+    def __init__(self, generation: int, txn: Transaction, record: KafkaRecord, nbytes: int):
+        self.generation = generation
+        self.txn = txn
+        self.record = record
+        self.nbytes = nbytes
+        self.exc: BaseException | None = None
+
+
+class Relay:
+    """Runs until :meth:`stop` is called (or a non-retriable error), then drains and returns."""
+
+    def __init__(
+        self,
+        source: Source,
+        sink_factory: Callable[[], Sink],
+        options: RelayOptions | None = None,
+        observer: RelayObserver | None = None,
+    ) -> None:
+        self.source = source
+        self.sink_factory = sink_factory
+        self.options = options or RelayOptions()
+        self.observer = observer or NullObserver()
+        self.sink: Sink | None = None
+        self.tracker = AckTracker()
+        self.delivered = 0  # survives reconnects: this process's own record of delivery
+        self._stopping = threading.Event()
+        self._done: queue.SimpleQueue[_Completion] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._generation = 0
+        self._in_flight_bytes = 0
+        self._state = ""
+
+    # -- control --------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the loop to stop reading, deliver what is in flight, confirm, and return.
+        Safe to call from a signal handler or another thread."""
+        self._stopping.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already awake (buffer full) or closed
+
+    def _set_state(self, state: str, message: str, *args: object, level: int = logging.INFO
+                   ) -> None:
+        """One log line per state change: a retry loop never floods the log."""
+        if state != self._state:
+            log.log(level, message, *args)
+            self._state = state
+            self.observer.state(state)
+
+    # -- main loop ------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Raises a non-retriable OutboxError; returns after a requested stop."""
+        backoff = _Backoff(self.options.backoff_initial, self.options.backoff_max)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    self._run_once(backoff)
+                except SlotInUseError as exc:
+                    self._set_state("standby", "standby: %s; waiting to take over", exc)
+                    self._close_source()
+                    self._sleep(self.options.standby_poll_interval)
+                except (SourceError, SinkError) as exc:
+                    if not exc.retriable:
+                        raise
+                    self.observer.error(type(exc).__name__)
+                    delay = backoff.next()
+                    side = "kafka" if isinstance(exc, SinkError) else "postgres"
+                    self._set_state(
+                        f"failing:{side}:{type(exc).__name__}",
+                        "%s; the slot stays at %s; retrying every <= %.0fs",
+                        exc, format_lsn(self.tracker.confirmed), self.options.backoff_max,
+                        level=logging.ERROR,
+                    )
+                    self._abandon()
+                    self._sleep(delay)
+        finally:
+            self._shutdown()
+
+    def _sleep(self, seconds: float) -> None:
+        self._stopping.wait(seconds)
+
+    def _run_once(self, backoff: _Backoff) -> None:
+        if self.sink is None:
+            self.sink = self.sink_factory()
+        start = self.source.open(self.delivered)
+        self.tracker = AckTracker(start)
+        self.delivered = max(self.delivered, start)
+        self._generation += 1
+        self._in_flight_bytes = 0
+        self._set_state("streaming", "streaming from %s", format_lsn(start))
+        backoff.reset()
+        self._pump()
+
+    def _pump(self) -> None:
+        opts = self.options
+        source, tracker = self.source, self.tracker
+        sink = self.sink
+        assert sink is not None
+        wake_fd = self._wake_r.fileno()
+        source_name = opts.source_name
+        generation = self._generation
+        txn: Transaction | None = None
+        send = self._send
+
+        while not self._stopping.is_set():
+            self._drain_completions()
+            full = (tracker.in_flight >= opts.max_in_flight_events
+                    or self._in_flight_bytes >= opts.max_in_flight_bytes)
+            if full:
+                # Backpressure: stop reading, keep the server connection alive.
+                source.tick()
+                self._wait_for_wake(0.5)
+                continue
+            items = source.read(1.0, wake_fd, opts.read_batch)
+            for item in items:
+                if item is BEGIN:
+                    tracker.begin()
+                elif type(item) is Commit:
+                    tracker.commit(item.end)
+                elif type(item) is OutboxEvent:
+                    record = to_record(item, source_name)
+                    txn = tracker.add_event()
+                    size = len(record.value) + 64
+                    self._in_flight_bytes += size
+                    send(_Completion(generation, txn, record, size))
+                else:
+                    assert isinstance(item, EventDecodeError)
+                    self._poison(item, tracker.add_event(), generation)
+            if not items:
+                idle = source.idle_position()
+                if idle is not None:
+                    tracker.idle(idle)
+            self._drain_wake()
+            self._drain_completions()
+            source.confirm(tracker.confirmed, tracker.delivered)
+
+    def _wait_for_wake(self, timeout: float) -> None:
+        import select
+
+        select.select([self._wake_r], [], [], timeout)
+        self._drain_wake()
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _drain_completions(self) -> None:
+        tracker = self.tracker
+        get = self._done.get_nowait
+        observer = self.observer
+        generation = self._generation
+        advanced = False
+        while True:
+            try:
+                c = get()
+            except queue.Empty:
+                break
+            if c.generation != generation:
+                continue  # from a pipeline we abandoned; the source resends those events
+            if c.exc is not None:
+                self._delivery_failed(c)
+                continue
+            self._in_flight_bytes -= c.nbytes
+            tracker.ack(c.txn)
+            observer.published(c.record, None)
+            advanced = True
+        if advanced and tracker.delivered > self.delivered:
+            self.delivered = tracker.delivered
+
+    def _delivery_failed(self, c: _Completion) -> None:
+        exc = c.exc
+        assert exc is not None
+        if isinstance(exc, PermanentDeliveryError):
+            self.observer.error("rejected")
+            if self.options.dead_letter_topic and c.record.topic != self.options.dead_letter_topic:
+                log.error("%s; sending it to dead-letter topic %s", exc,
+                          self.options.dead_letter_topic)
+                self._send_dead_letter(c, str(exc))
+                return
+            raise PermanentDeliveryError(
+                f"{exc}. Nothing after this event was confirmed. Fix the cause, or set a "
+                "dead-letter topic (--dead-letter-topic) to route such events there",
+                event_id=None,
+            )
+        if isinstance(exc, SinkError):
+            raise exc
+        raise SinkError(f"Kafka delivery failed: {exc}")
+
+    def _send_dead_letter(self, c: _Completion, reason: str) -> None:
+        topic = self.options.dead_letter_topic
+        assert topic is not None and self.sink is not None
+        rec = c.record
+        dlq = KafkaRecord(
+            topic=topic,
+            key=rec.key,
+            value=rec.value,
+            headers=[*rec.headers, ("outbox_cdc_error", reason.encode()),
+                     ("outbox_cdc_original_topic", rec.topic.encode())],
+            event_id=rec.event_id,
+        )
+        self._send(_Completion(c.generation, c.txn, dlq, c.nbytes))
+
+    def _send(self, c: _Completion) -> None:
+        """Hand one record to the sink; its completion comes back through the queue."""
+        done_put, wake = self._done.put, self._wake
+
+        def on_done(exc: BaseException | None) -> None:
+            c.exc = exc
+            done_put(c)
+            wake()
+
+        assert self.sink is not None
+        try:
+            self.sink.send(c.record, on_done)
+        except PermanentDeliveryError as exc:  # refused before it was even queued
+            on_done(exc)
+
+    def _poison(self, err: EventDecodeError, txn: Transaction, generation: int) -> None:
+        """A committed row that cannot become a record: dead-letter it or stop."""
+        topic = self.options.dead_letter_topic
+        if not topic:
+            raise PoisonEventError(
+                f"{err}. The relay stopped so that nothing after it is confirmed: fix or "
+                "delete the row's cause and restart, or set a dead-letter topic "
+                "(--dead-letter-topic) to route such rows there"
+            )
+        log.error("%s; sending it to dead-letter topic %s", err, topic)
+        self.observer.error("undecodable")
+        rec = KafkaRecord(topic=topic, key=None, value=str(err).encode(),
+                          headers=[("outbox_cdc_error", str(err).encode())],
+                          event_id=err.event_id or "")
+        c = _Completion(generation, txn, rec, 64)
+        self._in_flight_bytes += c.nbytes
+        self._send(c)
+
+    # -- failure and shutdown -------------------------------------------------------------------
+
+    def _abandon(self) -> None:
+        """Drop the pipeline after a retriable failure. Events in flight are resent by the
+        source after reconnecting (from the last confirmed position): duplicates, not losses."""
+        self._generation += 1
+        if self.sink is not None:
+            self.sink.close(0)
+            self.sink = None
+        self._close_source()
+
+    def _close_source(self) -> None:
+        try:
+            self.source.close()
+        except OutboxError as exc:
+            log.debug("closing the source failed: %s", exc)
+
+    def _shutdown(self) -> None:
+        """Deliver what is in flight (bounded), confirm it, close everything."""
+        deadline = time.monotonic() + self.options.shutdown_timeout
+        try:
+            if self.sink is not None and self.tracker.in_flight:
+                log.info("stopping: waiting up to %.0fs for %d events in flight",
+                         self.options.shutdown_timeout, self.tracker.in_flight)
+                while self.tracker.in_flight and time.monotonic() < deadline:
+                    self.sink.flush(max(0.1, min(1.0, deadline - time.monotonic())))
+                    self._drain_completions()
+                    self.source.confirm(self.tracker.confirmed, self.tracker.delivered)
+                if self.tracker.in_flight:
+                    log.warning("stopping with %d events unacknowledged: they will be "
+                                "delivered again after restart", self.tracker.in_flight)
+        except OutboxError as exc:
+            log.warning("stopping: could not deliver the events in flight: %s", exc)
+        finally:
+            if self.sink is not None:
+                self.sink.close(max(0.0, deadline - time.monotonic()))
+                self.sink = None
+            self._close_source()
+            self._wake_r.close()
+            self._wake_w.close()
+            log.info("stopped; slot confirmed at %s", format_lsn(self.tracker.confirmed))

@@ -1,0 +1,1 @@
+"""Sinks: where records go. The contract is in :class:`outbox_cdc.sinks.base.Sink`."""

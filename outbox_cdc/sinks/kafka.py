@@ -1,0 +1,187 @@
+"""Kafka sink on kafka-python: acks=all, idempotent producer, ordered per key.
+
+What it must not do: acknowledge anything the broker did not acknowledge, swallow an error, or
+log a secret (security settings are passed through, never printed).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import kafka
+import kafka.errors as kerr
+from kafka.admin import KafkaAdminClient, NewTopic
+
+from outbox_cdc.errors import ConfigurationError, PermanentDeliveryError, SinkError
+from outbox_cdc.events import KafkaRecord
+from outbox_cdc.sinks.base import DeliveryCallback
+
+log = logging.getLogger(__name__)
+
+# Errors a retry with the same record cannot fix (the broker refused the record itself).
+_PERMANENT = (
+    kerr.MessageSizeTooLargeError,
+    kerr.RecordListTooLargeError,
+    kerr.AuthorizationError,
+    kerr.InvalidTopicError,
+    kerr.PolicyViolationError,
+    kerr.UnsupportedForMessageFormatError,
+    kerr.InvalidRequestError,
+)
+
+
+@dataclass(frozen=True)
+class KafkaOptions:
+    """Producer and topic settings. ``client_config`` passes extra kafka-python settings
+    (security_protocol, sasl_*, ssl_*...) through unchanged."""
+
+    bootstrap_servers: str
+    client_id: str = "outbox-cdc"
+    linger_ms: int = 5
+    batch_size: int = 64 * 1024
+    compression_type: str | None = None
+    max_in_flight_requests: int = 5
+    request_timeout_ms: int = 30_000
+    delivery_timeout_ms: int = 120_000
+    max_block_ms: int = 10_000
+    max_request_size: int = 1024 * 1024 + 64 * 1024
+    create_topics: bool = True
+    topic_partitions: int = 1
+    topic_replication_factor: int = 1
+    client_config: Mapping[str, Any] = field(default_factory=dict)
+
+
+def classify(exc: BaseException, record: KafkaRecord | None = None) -> SinkError:
+    """Map a kafka-python exception to our tree (permanent or retriable)."""
+    event_id = record.event_id if record else None
+    topic = record.topic if record else None
+    name = type(exc).__name__
+    if isinstance(exc, _PERMANENT):
+        return PermanentDeliveryError(f"Kafka refused the record: {name}: {exc}",
+                                      event_id=event_id, topic=topic)
+    return SinkError(f"Kafka delivery failed: {name}: {exc}")
+
+
+class KafkaSink:
+    """See :class:`outbox_cdc.sinks.base.Sink` for the contract."""
+
+    def __init__(self, options: KafkaOptions) -> None:
+        if not 1 <= options.max_in_flight_requests <= 5:
+            # Idempotence keeps order with up to 5 requests in flight (KIP-98 / KAFKA-5494).
+            raise ConfigurationError(
+                "kafka max_in_flight_requests: must be 1..5 for an idempotent, ordered producer"
+            )
+        self.options = options
+        self._known_topics: set[str] = set()
+        self._topic_lock = threading.Lock()
+        config: dict[str, Any] = dict(options.client_config)
+        config.update(
+            bootstrap_servers=options.bootstrap_servers.split(","),
+            client_id=options.client_id,
+            acks="all",
+            enable_idempotence=True,
+            max_in_flight_requests_per_connection=options.max_in_flight_requests,
+            linger_ms=options.linger_ms,
+            batch_size=options.batch_size,
+            compression_type=options.compression_type,
+            request_timeout_ms=options.request_timeout_ms,
+            delivery_timeout_ms=options.delivery_timeout_ms,
+            max_block_ms=options.max_block_ms,
+            max_request_size=options.max_request_size,
+            retries=2**31 - 1,
+            allow_auto_create_topics=False,
+        )
+        self._client_config = {k: v for k, v in options.client_config.items()}
+        try:
+            self._producer = kafka.KafkaProducer(**config)
+        except kerr.NoBrokersAvailable:
+            raise SinkError(
+                f"no Kafka broker answered at {options.bootstrap_servers}"
+            ) from None
+        except kerr.KafkaConfigurationError as exc:
+            raise ConfigurationError(f"kafka settings: {exc}") from None
+        except kerr.KafkaError as exc:
+            raise classify(exc) from None
+
+    # -- topics ---------------------------------------------------------------------------------
+
+    def _ensure_topic(self, topic: str) -> None:
+        with self._topic_lock:
+            if topic in self._known_topics:
+                return
+            admin = self._admin()
+            try:
+                existing = set(admin.list_topics())
+                if topic not in existing:
+                    if not self.options.create_topics:
+                        raise PermanentDeliveryError(
+                            "topic does not exist and topic creation is off "
+                            "(create it, or enable kafka create_topics)",
+                            topic=topic,
+                        )
+                    try:
+                        admin.create_topics([NewTopic(
+                            topic,
+                            num_partitions=self.options.topic_partitions,
+                            replication_factor=self.options.topic_replication_factor,
+                        )])
+                        log.info("created Kafka topic %s (%d partitions, replication %d)",
+                                 topic, self.options.topic_partitions,
+                                 self.options.topic_replication_factor)
+                    except kerr.TopicAlreadyExistsError:
+                        pass
+            except kerr.KafkaError as exc:
+                raise classify(exc) from None
+            finally:
+                admin.close()
+            self._known_topics.add(topic)
+
+    def _admin(self) -> KafkaAdminClient:
+        try:
+            return KafkaAdminClient(
+                bootstrap_servers=self.options.bootstrap_servers.split(","),
+                client_id=f"{self.options.client_id}-admin",
+                request_timeout_ms=self.options.request_timeout_ms,
+                **{k: v for k, v in self._client_config.items()
+                   if k.startswith(("security_", "sasl_", "ssl_"))},
+            )
+        except kerr.NoBrokersAvailable:
+            raise SinkError(f"no Kafka broker answered at {self.options.bootstrap_servers}") from None
+
+    # -- Sink -----------------------------------------------------------------------------------
+
+    def send(self, record: KafkaRecord, on_done: DeliveryCallback) -> None:
+        if record.topic not in self._known_topics:
+            self._ensure_topic(record.topic)
+        try:
+            future = self._producer.send(
+                record.topic, value=record.value, key=record.key, headers=record.headers
+            )
+        except kerr.KafkaError as exc:
+            raise classify(exc, record) from None
+        future.add_callback(_ok, on_done)
+        future.add_errback(_failed, on_done, record)
+
+    def flush(self, timeout: float) -> None:
+        try:
+            self._producer.flush(timeout=timeout)
+        except kerr.KafkaError as exc:
+            raise classify(exc) from None
+
+    def close(self, timeout: float) -> None:
+        try:
+            self._producer.close(timeout=timeout)
+        except Exception as exc:  # closing must not mask the error that made us close
+            log.debug("closing the Kafka producer failed: %s", exc)
+
+
+def _ok(on_done: DeliveryCallback, _metadata: object) -> None:
+    on_done(None)
+
+
+def _failed(on_done: DeliveryCallback, record: KafkaRecord, exc: BaseException) -> None:
+    on_done(classify(exc, record))

@@ -1,0 +1,409 @@
+"""WAL source: streams wal2json v2 from a logical replication slot over psycopg 3.3's COPY_BOTH.
+
+Two connections: a ``replication=database`` one that only streams (START_REPLICATION), and a
+normal one for the catalog (slot state, slot creation) and the durable offset record.
+
+What it must not do: confirm (Standby status update ``flushed``) a position the relay did not
+hand to :meth:`WalSource.confirm`; start after a position nobody recorded as delivered; drop a
+slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import select
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import errors as pgerr
+
+from outbox_cdc.errors import (
+    ConfigurationError,
+    SlotInUseError,
+    SlotInvalidatedError,
+    SourceError,
+)
+from outbox_cdc.protocol import wal2json
+from outbox_cdc.protocol.lsn import format_lsn, parse_lsn
+from outbox_cdc.protocol.replication import (
+    KEEPALIVE_TAG,
+    XLOGDATA_HEADER_SIZE,
+    XLOGDATA_TAG,
+    parse_keepalive,
+    parse_xlogdata_header,
+    status_update,
+)
+from outbox_cdc.sources.base import BEGIN, Commit, Item
+
+log = logging.getLogger(__name__)
+
+_SLOT_RE = re.compile(r"[a-z0-9_]{1,63}")
+_IDENT = r"[A-Za-z_][A-Za-z0-9_$]*"
+_TABLE_RE = re.compile(rf"(?:{_IDENT}\.)?{_IDENT}")
+
+OFFSETS_TABLE = "outbox_cdc_offsets"
+
+
+@dataclass(frozen=True)
+class WalSourceOptions:
+    dsn: str
+    slot: str = "outbox_cdc"
+    table: str = "public.outbox"
+    message_prefix: str | None = None
+    create_slot: bool = True
+    status_interval: float = 10.0
+    confirm_interval: float = 0.1
+    offset_interval: float = 1.0
+    connect_timeout: float = 10.0
+    application_name: str = "outbox-cdc"
+
+    def __post_init__(self) -> None:
+        if not _SLOT_RE.fullmatch(self.slot):
+            raise ConfigurationError(
+                f"slot: {self.slot!r} is not a valid slot name; use 1-63 characters of a-z, 0-9, _"
+            )
+        if not _TABLE_RE.fullmatch(self.table):
+            raise ConfigurationError(
+                f"table: {self.table!r} must be 'schema.table' or 'table' of plain identifiers"
+            )
+
+    @property
+    def qualified_table(self) -> str:
+        return self.table if "." in self.table else f"public.{self.table}"
+
+
+def _describe(exc: BaseException) -> str:
+    """One line about a driver error, without the connection string."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+
+
+class WalSource:
+    """See :class:`outbox_cdc.sources.base.Source` for the contract."""
+
+    def __init__(self, options: WalSourceOptions) -> None:
+        self.options = options
+        self._decoder = wal2json.Wal2JsonDecoder(options.message_prefix)
+        self._repl: psycopg.Connection[Any] | None = None
+        self._ctl: psycopg.Connection[Any] | None = None
+        self._pgconn: Any = None
+        self._sock = -1
+        self._received = 0  # highest walEnd seen: reported as "written"
+        self._flushed = 0  # what we confirm: reported as "flushed" and "applied"
+        self._delivered = 0
+        self._saved_offset = 0
+        self._sent_flushed = -1
+        self._last_status = 0.0
+        self._last_offset_save = 0.0
+        self._reply_requested = False
+        self._idle_pos: int | None = None
+        self.started_at_lsn = 0
+
+    # -- connection -----------------------------------------------------------------------------
+
+    def _connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
+        try:
+            return psycopg.connect(
+                self.options.dsn,
+                autocommit=True,
+                connect_timeout=max(1, int(self.options.connect_timeout)),
+                application_name=self.options.application_name,
+                **kwargs,
+            )
+        except psycopg.OperationalError as exc:
+            raise SourceError(f"cannot connect to PostgreSQL: {_describe(exc)}") from None
+
+    def slot_state(self) -> dict[str, Any] | None:
+        assert self._ctl is not None
+        row = self._ctl.execute(
+            "SELECT plugin, slot_type, database, active_pid, wal_status,"
+            " confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+            (self.options.slot,),
+        ).fetchone()
+        if row is None:
+            return None
+        keys = ("plugin", "slot_type", "database", "active_pid", "wal_status", "confirmed_flush")
+        return dict(zip(keys, row, strict=True))
+
+    def _check_slot(self) -> int:
+        """Create the slot if allowed; return its confirmed_flush LSN. Raises what waiting
+        cannot fix, or SlotInUseError."""
+        assert self._ctl is not None
+        slot = self.options.slot
+        state = self.slot_state()
+        if state is None:
+            if not self.options.create_slot:
+                raise ConfigurationError(
+                    f"replication slot {slot!r} does not exist: run 'outbox-cdc init' or enable "
+                    "slot creation (--create-slot / OUTBOX_CDC_CREATE_SLOT=true)"
+                )
+            create_slot(self._ctl, slot)
+            state = self.slot_state()
+            assert state is not None
+        if state["slot_type"] != "logical" or state["plugin"] != "wal2json":
+            raise ConfigurationError(
+                f"replication slot {slot!r} uses plugin {state['plugin']!r} "
+                f"({state['slot_type']}); outbox-cdc needs a logical slot with wal2json: "
+                "drop it or choose another slot name"
+            )
+        if state["wal_status"] == "lost":
+            raise SlotInvalidatedError(invalidated_message(slot))
+        if state["active_pid"] is not None:
+            raise SlotInUseError(slot, int(state["active_pid"]))
+        return parse_lsn(state["confirmed_flush"]) if state["confirmed_flush"] else 0
+
+    def open(self, resume_from: int) -> int:
+        self.close()
+        try:
+            self._ctl = self._connect()
+            confirmed = self._check_slot()
+            stored = load_offset(self._ctl, self.options.slot)
+            self._repl = self._connect(replication="database")
+        except (SourceError, ConfigurationError):
+            self.close()
+            raise
+        except psycopg.Error as exc:
+            self.close()
+            raise SourceError(f"PostgreSQL: {_describe(exc)}") from None
+        start = max(resume_from, stored, confirmed)
+        opts = ", ".join(
+            f'"{k}" \'{v}\''
+            for k, v in wal2json.plugin_options(self.options.qualified_table,
+                                                self.options.message_prefix).items()
+        )
+        query = (
+            f'START_REPLICATION SLOT "{self.options.slot}" LOGICAL {format_lsn(start)} ({opts})'
+        )
+        try:
+            self._repl.execute(query.encode())
+        except pgerr.ObjectInUse:
+            pid = (self.slot_state() or {}).get("active_pid")
+            self.close()
+            raise SlotInUseError(self.options.slot, pid) from None
+        except pgerr.ObjectNotInPrerequisiteState as exc:
+            self.close()
+            if "invalidated" in str(exc):
+                raise SlotInvalidatedError(invalidated_message(self.options.slot)) from None
+            raise SourceError(f"START_REPLICATION failed: {_describe(exc)}") from None
+        except psycopg.Error as exc:
+            self.close()
+            raise SourceError(f"START_REPLICATION failed: {_describe(exc)}") from None
+        self._pgconn = self._repl.pgconn
+        self._sock = self._pgconn.socket
+        self._flushed = self._delivered = self._saved_offset = start
+        self._received = start
+        self._sent_flushed = -1
+        self._idle_pos = None
+        self.started_at_lsn = start
+        log.info(
+            "streaming slot %s from %s (slot confirmed %s, recorded delivered %s)",
+            self.options.slot, format_lsn(start), format_lsn(confirmed), format_lsn(stored),
+        )
+        return start
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def read(self, timeout: float, wake_fd: int, max_items: int) -> list[Item]:
+        pgconn = self._pgconn
+        if pgconn is None:
+            raise SourceError("the replication stream is not open")
+        out: list[Item] = []
+        deadline = time.monotonic() + timeout
+        decode = self._decoder.decode
+        try:
+            while len(out) < max_items:
+                nbytes, data = pgconn.get_copy_data(1)
+                if nbytes > 0:
+                    tag = data[0]
+                    if tag == XLOGDATA_TAG:
+                        start, wal_end = parse_xlogdata_header(data)
+                        if wal_end > self._received:
+                            self._received = wal_end
+                        item = decode(data[XLOGDATA_HEADER_SIZE:], start)
+                        if item is wal2json.BEGIN:
+                            out.append(BEGIN)
+                        elif item is wal2json.COMMIT:
+                            # Coalesce an empty transaction into the commit before it: both
+                            # positions become confirmable at the same moment.
+                            prev = out[-2] if len(out) >= 2 else None
+                            if isinstance(prev, Commit) and out[-1] is BEGIN:
+                                out.pop()
+                                prev.end = start
+                            else:
+                                out.append(Commit(start))
+                        elif item is not wal2json.IGNORED:
+                            out.append(item)  # type: ignore[arg-type]
+                        self._idle_pos = None
+                    elif tag == KEEPALIVE_TAG:
+                        ka = parse_keepalive(data)
+                        if ka.wal_end > self._received:
+                            self._received = ka.wal_end
+                        self._idle_pos = ka.wal_end
+                        if ka.reply_requested:
+                            self._reply_requested = True
+                    continue
+                if nbytes == -1:
+                    raise SourceError(self._stream_end_reason())
+                if out:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                if self._reply_requested:
+                    self._send_status(force=True)
+                ready, _, _ = select.select([self._sock, wake_fd], [], [], remaining)
+                if self._sock in ready:
+                    pgconn.consume_input()
+                else:
+                    break  # woken up, or timed out
+        except psycopg.Error as exc:
+            raise SourceError(f"replication stream lost: {_describe(exc)}") from None
+        self.tick()
+        return out
+
+    def _stream_end_reason(self) -> str:
+        try:
+            res = self._pgconn.get_result()
+            msg = res.error_message.decode(errors="replace").strip() if res is not None else ""
+        except Exception:  # noqa: BLE001 - only used to describe the failure
+            msg = ""
+        return f"the server ended the replication stream{': ' + msg if msg else ''}"
+
+    def idle_position(self) -> int | None:
+        return self._idle_pos
+
+    # -- confirming -----------------------------------------------------------------------------
+
+    def confirm(self, confirmed: int, delivered: int) -> None:
+        if confirmed > self._flushed:
+            self._flushed = confirmed
+        if delivered > self._delivered:
+            self._delivered = delivered
+        self.tick()
+
+    def tick(self) -> None:
+        if self._pgconn is None:
+            return
+        now = time.monotonic()
+        if self._reply_requested or now - self._last_status >= self.options.status_interval or (
+            self._flushed != self._sent_flushed
+            and now - self._last_status >= self.options.confirm_interval
+        ):
+            self._send_status(force=True)
+        if (
+            self._delivered > self._saved_offset
+            and now - self._last_offset_save >= self.options.offset_interval
+        ):
+            self._save_offset()
+
+    def _send_status(self, force: bool) -> None:
+        pgconn = self._pgconn
+        flushed = self._flushed
+        msg = status_update(max(self._received, flushed), flushed, flushed, time.time())
+        try:
+            pgconn.put_copy_data(msg)
+            pgconn.flush()
+        except psycopg.Error as exc:
+            raise SourceError(f"replication stream lost: {_describe(exc)}") from None
+        self._sent_flushed = flushed
+        self._last_status = time.monotonic()
+        self._reply_requested = False
+
+    def _save_offset(self) -> None:
+        self._last_offset_save = time.monotonic()
+        if self._ctl is None:
+            return
+        try:
+            save_offset(self._ctl, self.options.slot, self._delivered)
+            self._saved_offset = self._delivered
+        except psycopg.Error as exc:
+            # Only a duplicate-avoidance aid: the slot itself never runs ahead of delivery.
+            log.warning("could not record the delivered position: %s", _describe(exc))
+
+    @property
+    def flushed(self) -> int:
+        return self._flushed
+
+    @property
+    def received(self) -> int:
+        return self._received
+
+    def close(self) -> None:
+        if self._pgconn is not None:
+            try:
+                self._send_status(force=True)
+            except SourceError:
+                pass
+        if self._delivered > self._saved_offset:
+            self._save_offset()
+        for conn in (self._repl, self._ctl):
+            if conn is not None:
+                try:
+                    conn.close()
+                except Exception:  # noqa: BLE001 - closing a broken connection
+                    log.debug("closing a PostgreSQL connection failed", exc_info=True)
+        self._repl = self._ctl = self._pgconn = None
+        self._sock = -1
+
+
+# -- catalog helpers (normal connection) ---------------------------------------------------------
+
+
+def invalidated_message(slot: str) -> str:
+    return (
+        f"replication slot {slot!r} was invalidated: it retained more WAL than "
+        "max_slot_wal_keep_size allows and PostgreSQL removed WAL it still needed. Events "
+        "committed while it was lost were not streamed. Recover: drop the slot "
+        f"(SELECT pg_drop_replication_slot('{slot}')), recreate it with 'outbox-cdc init', and "
+        "re-publish outbox rows written since the last delivered event; consider a larger "
+        "max_slot_wal_keep_size"
+    )
+
+
+def create_slot(conn: psycopg.Connection[Any], slot: str) -> str:
+    """Create the wal2json slot; forget any recorded offset of an older slot of that name."""
+    try:
+        row = conn.execute(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'wal2json')", (slot,)
+        ).fetchone()
+    except pgerr.DuplicateObject:
+        return ""
+    delete_offset(conn, slot)
+    lsn = row[0] if row else ""
+    log.info("created replication slot %s (wal2json) at %s", slot, lsn)
+    return str(lsn)
+
+
+def load_offset(conn: psycopg.Connection[Any], slot: str) -> int:
+    try:
+        row = conn.execute(
+            f"SELECT delivered_lsn::text FROM {OFFSETS_TABLE} WHERE slot_name = %s", (slot,)
+        ).fetchone()
+    except pgerr.UndefinedTable:
+        return 0
+    return parse_lsn(row[0]) if row else 0
+
+
+def save_offset(conn: psycopg.Connection[Any], slot: str, lsn: int) -> None:
+    try:
+        conn.execute(
+            f"INSERT INTO {OFFSETS_TABLE} (slot_name, delivered_lsn, updated_at)"
+            " VALUES (%s, %s::pg_lsn, now()) ON CONFLICT (slot_name) DO UPDATE"
+            " SET delivered_lsn = GREATEST(EXCLUDED.delivered_lsn,"
+            f" {OFFSETS_TABLE}.delivered_lsn), updated_at = now()",
+            (slot, format_lsn(lsn)),
+        )
+    except pgerr.UndefinedTable:
+        log.warning("table %s is missing (run 'outbox-cdc init'): restarts may redeliver "
+                    "recently delivered events", OFFSETS_TABLE)
+        raise
+
+
+def delete_offset(conn: psycopg.Connection[Any], slot: str) -> None:
+    try:
+        conn.execute(f"DELETE FROM {OFFSETS_TABLE} WHERE slot_name = %s", (slot,))
+    except pgerr.UndefinedTable:
+        pass
