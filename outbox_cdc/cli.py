@@ -1,0 +1,234 @@
+"""Command line: ``outbox-cdc start | init | status | check``.
+
+The only place that reads settings (flags, ``OUTBOX_CDC_*`` variables, a TOML config file) and
+turns them into the option objects the library takes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import click
+
+from outbox_cdc import __version__
+from outbox_cdc.errors import ConfigurationError, OutboxError
+
+log = logging.getLogger("outbox_cdc")
+
+EXIT_FATAL = 1
+EXIT_CONFIG = 2
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # kafka-python logs every failed connection attempt at ERROR/WARNING: the relay reports
+    # broker state changes itself, once each.
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
+
+
+def _fail(exc: Exception, code: int) -> None:
+    click.echo(f"outbox-cdc: error: {exc}", err=True)
+    sys.exit(code)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="outbox-cdc")
+def main() -> None:
+    """outbox-cdc: relay transactional outbox events from PostgreSQL to Kafka."""
+
+
+_db_url = click.option("--database-url", envvar="OUTBOX_CDC_DATABASE_URL", show_envvar=True,
+                       help="Database URL, e.g. postgresql://user:pass@host:5432/db")
+_table = click.option("--table", envvar="OUTBOX_CDC_TABLE", show_envvar=True, default=None,
+                      help="Outbox table [default: public.outbox, or outbox outside PostgreSQL]")
+_slot = click.option("--slot", envvar="OUTBOX_CDC_SLOT", show_envvar=True, default="outbox_cdc",
+                     show_default=True, help="Logical replication slot")
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
+              envvar="OUTBOX_CDC_CONFIG", show_envvar=True, help="TOML file with settings")
+@click.option("--database-url", help="PostgreSQL URL [env OUTBOX_CDC_DATABASE_URL]")
+@click.option("--kafka-bootstrap-servers",
+              help="host:port[,host:port] [env OUTBOX_CDC_KAFKA_BOOTSTRAP_SERVERS]")
+@click.option("--table", help="Outbox table, schema-qualified [default: public.outbox]")
+@click.option("--slot", help="Replication slot [default: outbox_cdc]")
+@click.option("--create-slot/--no-create-slot", default=None,
+              help="Create the slot when missing [default: create]")
+@click.option("--dead-letter-topic", help="Route records Kafka refuses for good to this topic")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"],
+                                               case_sensitive=False))
+def start(config_file: Path | None, **flags: Any) -> None:
+    """Stream the outbox from the WAL to Kafka until SIGTERM/SIGINT.
+
+    Every setting also reads OUTBOX_CDC_<NAME> (e.g. OUTBOX_CDC_KAFKA_LINGER_MS) and the
+    config file; see docs/settings.md.
+    """
+    from outbox_cdc.relay import Relay, RelayOptions
+    from outbox_cdc.settings import load_settings
+    from outbox_cdc.sinks.kafka import KafkaSink
+    from outbox_cdc.sources.wal import WalSource
+
+    try:
+        settings = load_settings(config_file, **flags)
+        _setup_logging(settings.log_level)
+        source = WalSource(settings.wal_source_options())
+        kafka_options = settings.kafka_options()
+    except ConfigurationError as exc:
+        _fail(exc, EXIT_CONFIG)
+        return
+    relay = Relay(
+        source,
+        lambda: KafkaSink(kafka_options),
+        RelayOptions(
+            source_name=settings.source_name,
+            max_in_flight_events=settings.max_in_flight_events,
+            max_in_flight_bytes=settings.max_in_flight_bytes,
+            dead_letter_topic=settings.dead_letter_topic,
+            shutdown_timeout=settings.shutdown_timeout,
+        ),
+    )
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        relay.stop()
+        # A second signal ends the process at once.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("outbox-cdc %s: relaying %s (slot %s) to Kafka %s", __version__, settings.table,
+             settings.slot, settings.kafka_bootstrap_servers)
+    try:
+        relay.run()
+    except ConfigurationError as exc:
+        log.error("%s", exc)
+        sys.exit(EXIT_CONFIG)
+    except OutboxError as exc:
+        log.error("%s", exc)
+        sys.exit(EXIT_FATAL)
+
+
+@main.command()
+@_db_url
+@_table
+@_slot
+@click.option("--no-slot", is_flag=True, help="Do not create the replication slot")
+@click.option("--print-sql", is_flag=True, help="Print the DDL instead of running it")
+@click.option("--dialect", type=click.Choice(["postgresql", "mysql", "sqlite"]),
+              help="With --print-sql and no URL: which database")
+def init(database_url: str | None, table: str | None, slot: str, no_slot: bool,
+         print_sql: bool, dialect: str | None) -> None:
+    """Create the outbox table and (PostgreSQL) the replication slot, if missing."""
+    from outbox_cdc.admin import dialect_of, init_sql
+    from outbox_cdc.admin import init as do_init
+
+    try:
+        if dialect is None:
+            if not database_url:
+                raise ConfigurationError("database_url (--database-url / OUTBOX_CDC_DATABASE_URL): "
+                                         "is required (or give --dialect with --print-sql)")
+            dialect = dialect_of(database_url)
+        if table is None:
+            table = "public.outbox" if dialect == "postgresql" else "outbox"
+        if print_sql:
+            click.echo(init_sql(dialect, table, None if no_slot else slot), nl=False)
+            return
+        assert database_url is not None
+        for line in do_init(database_url, table, None if no_slot else slot):
+            click.echo(line)
+    except ConfigurationError as exc:
+        _fail(exc, EXIT_CONFIG)
+    except Exception as exc:  # driver errors: one line, no URL
+        _fail(_one_line(exc), EXIT_FATAL)
+
+
+def _one_line(exc: BaseException) -> Exception:
+    text = str(exc).strip().splitlines()
+    return RuntimeError(f"{type(exc).__name__}: {text[0] if text else ''}")
+
+
+@main.command()
+@_db_url
+@_slot
+@click.option("--json", "as_json", is_flag=True, help="Print JSON")
+def status(database_url: str | None, slot: str, as_json: bool) -> None:
+    """Show the slot: confirmed LSN, retained WAL, lag, active process."""
+    from outbox_cdc.admin import slot_status
+
+    if not database_url:
+        _fail(ConfigurationError("database_url (--database-url / OUTBOX_CDC_DATABASE_URL): is "
+                                 "required"), EXIT_CONFIG)
+        return
+    try:
+        info = slot_status(database_url, slot)
+    except Exception as exc:
+        _fail(_one_line(exc), EXIT_FATAL)
+        return
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    if not info["exists"]:
+        click.echo(f"slot {slot}: does not exist (outbox-cdc init creates it)")
+        sys.exit(EXIT_FATAL)
+    proc = info["active_process"]
+    rows = [
+        ("slot", f"{slot} ({info['plugin']}, wal_status {info['wal_status']})"),
+        ("active", f"yes, PID {info['active_pid']} ({proc['application_name']}, "
+                   f"since {proc['backend_start']})" if proc else "no (no relay streaming)"),
+        ("confirmed LSN", info["confirmed_flush_lsn"]),
+        ("current WAL LSN", info["current_wal_lsn"]),
+        ("lag", f"{info['lag_bytes']} bytes"),
+        ("retained WAL", f"{info['retained_wal_bytes']} bytes"),
+        ("recorded delivered", (info["recorded_delivered"] or {}).get("lsn", "none")),
+    ]
+    for name, value in rows:
+        click.echo(f"{name:>18}: {value}")
+
+
+@main.command()
+@_db_url
+@_table
+@_slot
+@click.option("--kafka-bootstrap-servers", envvar="OUTBOX_CDC_KAFKA_BOOTSTRAP_SERVERS",
+              show_envvar=True, help="Kafka to check (skipped when not given)")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON")
+def check(database_url: str | None, table: str | None, slot: str,
+          kafka_bootstrap_servers: str | None, as_json: bool) -> None:
+    """Preflight: wal_level, wal2json, role, table, slot, Kafka. Each failure with its fix."""
+    from outbox_cdc.admin import Check, preflight_kafka, preflight_postgres
+
+    checks: list[Check] = []
+    if not database_url:
+        checks.append(Check("database url", False, "not given",
+                            "set OUTBOX_CDC_DATABASE_URL or --database-url"))
+    else:
+        checks.extend(preflight_postgres(database_url, table or "public.outbox", slot))
+    if kafka_bootstrap_servers:
+        checks.append(preflight_kafka(kafka_bootstrap_servers, {}))
+    failed = [c for c in checks if not c.ok]
+    if as_json:
+        click.echo(json.dumps([c.as_dict() for c in checks], indent=2))
+    else:
+        for c in checks:
+            mark = "ok  " if c.ok and not c.warning else ("warn" if c.ok else "FAIL")
+            click.echo(f"[{mark}] {c.name}: {c.detail}")
+            if (not c.ok or c.warning) and c.fix:
+                click.echo(f"       fix: {c.fix}")
+    if failed:
+        sys.exit(EXIT_FATAL)
+
+
+if __name__ == "__main__":
+    main()
