@@ -119,6 +119,7 @@ class Relay:
         self._wake_w.setblocking(False)
         self._generation = 0
         self._in_flight_bytes = 0
+        self._unackable = 0  # events that failed for good: never acknowledged, never confirmed
         self._state = ""
 
     # -- control --------------------------------------------------------------------------------
@@ -184,6 +185,7 @@ class Relay:
         self.delivered = max(self.delivered, start)
         self._generation += 1
         self._in_flight_bytes = 0
+        self._unackable = 0
         self._set_state("streaming", "streaming from %s", format_lsn(start))
         backoff.reset()
         self._pump()
@@ -277,6 +279,7 @@ class Relay:
                           self.options.dead_letter_topic)
                 self._send_dead_letter(c, str(exc))
                 return
+            self._unackable += 1
             raise PermanentDeliveryError(
                 f"{exc}. Nothing after this event was confirmed. Fix the cause, or set a "
                 "dead-letter topic (--dead-letter-topic) to route such events there",
@@ -319,6 +322,7 @@ class Relay:
         """A committed row that cannot become a record: dead-letter it or stop."""
         topic = self.options.dead_letter_topic
         if not topic:
+            self._unackable += 1
             raise PoisonEventError(
                 f"{err}. The relay stopped so that nothing after it is confirmed: fix or "
                 "delete the row's cause and restart, or set a dead-letter topic "
@@ -354,14 +358,15 @@ class Relay:
         """Deliver what is in flight (bounded), confirm it, close everything."""
         deadline = time.monotonic() + self.options.shutdown_timeout
         try:
-            if self.sink is not None and self.tracker.in_flight:
+            if self.sink is not None and self.tracker.in_flight > self._unackable:
                 log.info("stopping: waiting up to %.0fs for %d events in flight",
                          self.options.shutdown_timeout, self.tracker.in_flight)
-                while self.tracker.in_flight and time.monotonic() < deadline:
+                while (self.tracker.in_flight > self._unackable
+                       and time.monotonic() < deadline):
                     self.sink.flush(max(0.1, min(1.0, deadline - time.monotonic())))
                     self._drain_completions()
                     self.source.confirm(self.tracker.confirmed, self.tracker.delivered)
-                if self.tracker.in_flight:
+                if self.tracker.in_flight > self._unackable:
                     log.warning("stopping with %d events unacknowledged: they will be "
                                 "delivered again after restart", self.tracker.in_flight)
         except OutboxError as exc:

@@ -18,7 +18,10 @@ def parse_lsn(text: str) -> Lsn:
     hi, sep, lo = text.strip().partition("/")
     if not sep or not hi or not lo or len(hi) > 8 or len(lo) > 8:
         raise ValueError(f"invalid LSN {text!r}: expected two hex numbers like '0/16B3748'")
-    return Lsn((int(hi, 16) << 32) | int(lo, 16))
+    try:
+        return Lsn((int(hi, 16) << 32) | int(lo, 16))
+    except ValueError:
+        raise ValueError(f"invalid LSN {text!r}: expected two hex numbers like '0/16B3748'") from None
 
 
 def format_lsn(lsn: int) -> str:

@@ -1,0 +1,253 @@
+"""The relay loop with an in-memory source and sink: what is confirmed, when, and what happens
+on failures. The same rules are checked end to end against real servers in tests/acceptance."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from datetime import datetime, timezone
+
+import pytest
+
+from outbox_cdc.errors import (
+    EventDecodeError,
+    PermanentDeliveryError,
+    PoisonEventError,
+    SinkError,
+    SlotInUseError,
+    SourceError,
+)
+from outbox_cdc.events import KafkaRecord, OutboxEvent
+from outbox_cdc.relay import Relay, RelayOptions
+from outbox_cdc.sinks.memory import MemorySink
+from outbox_cdc.sources.base import BEGIN, Commit, Item
+
+
+def event(n: int, key: str = "k") -> OutboxEvent:
+    return OutboxEvent(id=uuid.UUID(int=n), created_at=datetime(2026, 1, 1, tzinfo=timezone.utc),
+                       topic="t", type="x", payload=str(n).encode(), content_type="text/plain",
+                       key=key)
+
+
+def txn(end: int, *ns: int) -> list[Item]:
+    return [BEGIN, *(event(n) for n in ns), Commit(end)]
+
+
+class FakeSource:
+    """Serves scripted items; replays from the last confirmed position after a reconnect,
+    like a replication slot does."""
+
+    def __init__(self, items: list[Item], *, fail_open: list[Exception] | None = None) -> None:
+        self.items = items
+        self.fail_open = list(fail_open or [])
+        self.cursor = 0
+        self.confirmed = 0
+        self.delivered = 0
+        self.opens: list[int] = []
+        self.closed = 0
+        self.relay: Relay | None = None
+        self.stop_when_drained = True
+        self.fail_read_at: int | None = None
+
+    def _position_index(self, position: int) -> int:
+        """Index of the first item after the commit at ``position`` (the server's resend)."""
+        for i, item in enumerate(self.items):
+            if isinstance(item, Commit) and item.end == position:
+                return i + 1
+        return 0
+
+    def open(self, resume_from: int) -> int:
+        if self.fail_open:
+            raise self.fail_open.pop(0)
+        start = max(resume_from, self.confirmed)
+        self.opens.append(start)
+        self.cursor = self._position_index(start)
+        return start
+
+    def read(self, timeout: float, wake_fd: int, max_items: int) -> list[Item]:
+        if self.fail_read_at is not None and self.cursor >= self.fail_read_at:
+            self.fail_read_at = None
+            raise SourceError("connection lost")
+        out = self.items[self.cursor:self.cursor + 3]
+        self.cursor += len(out)
+        if not out and self.stop_when_drained and self.relay is not None:
+            if self.relay.tracker.in_flight == 0:
+                self.relay.stop()
+        return out
+
+    def idle_position(self) -> int | None:
+        return None
+
+    def confirm(self, confirmed: int, delivered: int) -> None:
+        assert confirmed >= self.confirmed, "confirmed went backwards"
+        self.confirmed = confirmed
+        self.delivered = max(self.delivered, delivered)
+
+    def tick(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def run(source: FakeSource, sink_factory: object, **opts: object) -> Relay:
+    relay = Relay(source, sink_factory,  # type: ignore[arg-type]
+                  RelayOptions(backoff_initial=0.01, backoff_max=0.02,
+                               standby_poll_interval=0.01, **opts))  # type: ignore[arg-type]
+    source.relay = relay
+    t = threading.Thread(target=relay.run, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "relay did not stop"
+    return relay
+
+
+def payloads(records: list[KafkaRecord]) -> list[bytes]:
+    return [r.value for r in records]
+
+
+def test_publishes_in_order_and_confirms_the_last_commit() -> None:
+    sink = MemorySink()
+    source = FakeSource(txn(10, 1, 2) + txn(20) + txn(30, 3))
+    run(source, lambda: sink)
+    assert payloads(sink.records) == [b"1", b"2", b"3"]
+    assert (source.confirmed, source.delivered) == (30, 30)
+    assert sink.records[0].headers[1] == ("ce_id", str(uuid.UUID(int=1)).encode())
+
+
+class StuckSink(MemorySink):
+    """A broker that does not answer: flush acknowledges nothing."""
+
+    def flush(self, timeout: float) -> None:
+        threading.Event().wait(min(timeout, 0.05))
+
+
+def test_nothing_is_confirmed_while_the_sink_has_not_acknowledged() -> None:
+    sink = StuckSink(auto_ack=False)
+    source = FakeSource(txn(10, 1) + txn(20, 2))
+    source.stop_when_drained = False
+    relay = Relay(source, lambda: sink, RelayOptions(shutdown_timeout=0.2))
+    t = threading.Thread(target=relay.run, daemon=True)
+    t.start()
+    for _ in range(100):
+        if len(sink.pending) == 2:
+            break
+        threading.Event().wait(0.01)
+    assert len(sink.pending) == 2
+    assert source.confirmed == 0
+    sink.complete(1)  # only the first event
+    for _ in range(100):
+        if source.confirmed == 10:
+            break
+        threading.Event().wait(0.01)
+    assert source.confirmed == 10
+    relay.stop()
+    t.join(5)
+    assert source.confirmed == 10, "the unacknowledged second transaction must not be confirmed"
+
+
+def test_backpressure_bounds_events_in_flight() -> None:
+    sink = MemorySink(auto_ack=False)
+    items: list[Item] = []
+    for n in range(1, 51):
+        items += txn(n * 10, n)
+    source = FakeSource(items)
+    source.stop_when_drained = False
+    relay = Relay(source, lambda: sink, RelayOptions(max_in_flight_events=5, shutdown_timeout=1))
+    t = threading.Thread(target=relay.run, daemon=True)
+    t.start()
+    threading.Event().wait(0.3)
+    assert len(sink.pending) <= 5 + 3  # the limit, plus at most one read batch
+    while len(sink.records) < 50:
+        sink.complete()
+        threading.Event().wait(0.01)
+    relay.stop()
+    t.join(5)
+    assert payloads(sink.records) == [str(n).encode() for n in range(1, 51)]
+    assert source.confirmed == 500
+
+
+def test_permanent_rejection_stops_without_confirming_the_event() -> None:
+    class Refusing(MemorySink):
+        def send(self, record: KafkaRecord, on_done: object) -> None:
+            if record.value == b"2":
+                on_done(PermanentDeliveryError("too large", event_id=record.event_id))  # type: ignore[operator]
+                return
+            super().send(record, on_done)  # type: ignore[arg-type]
+
+    sink = Refusing()
+    source = FakeSource(txn(10, 1) + txn(20, 2) + txn(30, 3))
+    source.stop_when_drained = False
+    relay = Relay(source, lambda: sink, RelayOptions())
+    with pytest.raises(PermanentDeliveryError, match="dead-letter"):
+        relay.run()
+    assert source.confirmed == 10
+
+
+def test_permanent_rejection_goes_to_the_dead_letter_topic() -> None:
+    class Refusing(MemorySink):
+        def send(self, record: KafkaRecord, on_done: object) -> None:
+            if record.value == b"2" and record.topic == "t":
+                on_done(PermanentDeliveryError("too large"))  # type: ignore[operator]
+                return
+            super().send(record, on_done)  # type: ignore[arg-type]
+
+    sink = Refusing()
+    source = FakeSource(txn(10, 1) + txn(20, 2) + txn(30, 3))
+    run(source, lambda: sink, dead_letter_topic="dlq")
+    assert [(r.topic, r.value) for r in sink.records] == [("t", b"1"), ("dlq", b"2"), ("t", b"3")]
+    dlq = sink.records[1]
+    assert ("outbox_cdc_original_topic", b"t") in dlq.headers
+    assert source.confirmed == 30
+
+
+def test_undecodable_row_stops_the_relay_before_its_commit_is_confirmed() -> None:
+    sink = MemorySink()
+    bad = EventDecodeError("headers must be a JSON object", event_id="e-1", lsn="0/14")
+    source = FakeSource(txn(10, 1) + [BEGIN, bad, Commit(20)] + txn(30, 3))
+    source.stop_when_drained = False
+    with pytest.raises(PoisonEventError, match="e-1"):
+        Relay(source, lambda: sink, RelayOptions()).run()
+    assert source.confirmed == 10
+    assert payloads(sink.records) == [b"1"]
+
+
+def test_retriable_sink_failure_reconnects_and_resends_from_the_confirmed_position() -> None:
+    sinks: list[MemorySink] = []
+
+    class FlakyOnce(MemorySink):
+        def send(self, record: KafkaRecord, on_done: object) -> None:
+            if record.value == b"2" and len(sinks) == 1:
+                on_done(SinkError("broker down"))  # type: ignore[operator]
+                return
+            super().send(record, on_done)  # type: ignore[arg-type]
+
+    def factory() -> MemorySink:
+        sinks.append(FlakyOnce())
+        return sinks[-1]
+
+    source = FakeSource(txn(10, 1) + txn(20, 2) + txn(30, 3))
+    run(source, factory)
+    assert len(sinks) == 2
+    assert source.opens == [0, 10]  # resumed after the last delivered commit
+    delivered = [r.value for s in sinks for r in s.records]
+    assert delivered.count(b"1") == 1 and b"2" in delivered and b"3" in delivered
+    assert source.confirmed == 30
+
+
+def test_source_failure_reconnects_without_losing_events() -> None:
+    sink = MemorySink()
+    source = FakeSource(txn(10, 1) + txn(20, 2) + txn(30, 3), fail_open=[SourceError("refused")])
+    source.fail_read_at = 4
+    run(source, lambda: sink)
+    assert sorted(set(payloads(sink.records))) == [b"1", b"2", b"3"]
+    assert source.confirmed == 30
+    assert len(source.opens) >= 2
+
+
+def test_standby_waits_while_the_slot_is_in_use() -> None:
+    sink = MemorySink()
+    source = FakeSource(txn(10, 1), fail_open=[SlotInUseError("s", 42)] * 3)
+    relay = run(source, lambda: sink)
+    assert payloads(sink.records) == [b"1"]
+    assert relay.delivered == 10
