@@ -162,14 +162,17 @@ class Relay:
                         raise
                     self.observer.error(type(exc).__name__)
                     delay = backoff.next()
-                    side = "kafka" if isinstance(exc, SinkError) else "postgres"
-                    self._set_state(
-                        f"failing:{side}:{type(exc).__name__}",
-                        "%s; the slot stays at %s; retrying every <= %.0fs",
-                        exc, format_lsn(self.tracker.confirmed), self.options.backoff_max,
-                        level=logging.ERROR,
-                    )
-                    self._abandon()
+                    if isinstance(exc, SinkError):
+                        what = ("%s; nothing past %s is confirmed, the slot keeps the events; "
+                                "retrying with backoff (at most %.0fs)")
+                    else:
+                        self._salvage()
+                        what = ("PostgreSQL: %s; delivered up to %s; reconnecting with backoff "
+                                "(at most %.0fs)")
+                    self._set_state(f"failing:{type(exc).__name__}", what, exc,
+                                    format_lsn(max(self.tracker.confirmed, self.delivered)),
+                                    self.options.backoff_max, level=logging.ERROR)
+                    self._abandon(keep_sink=isinstance(exc, SourceError) and self.sink is not None)
                     self._sleep(delay)
         finally:
             self._shutdown()
@@ -339,11 +342,24 @@ class Relay:
 
     # -- failure and shutdown -------------------------------------------------------------------
 
-    def _abandon(self) -> None:
+    def _salvage(self) -> None:
+        """The database went away but Kafka works: let the events in flight finish, so that
+        the reconnect resumes after them instead of sending them again."""
+        if self.sink is None or self.tracker.in_flight <= self._unackable:
+            return
+        try:
+            self.sink.flush(min(10.0, self.options.shutdown_timeout))
+            self._drain_completions()
+        except OutboxError as exc:
+            log.warning("could not finish the events in flight: %s", exc)
+            self.sink.close(0)
+            self.sink = None
+
+    def _abandon(self, keep_sink: bool = False) -> None:
         """Drop the pipeline after a retriable failure. Events in flight are resent by the
-        source after reconnecting (from the last confirmed position): duplicates, not losses."""
+        source after reconnecting (from the last delivered position): duplicates, not losses."""
         self._generation += 1
-        if self.sink is not None:
+        if self.sink is not None and not keep_sink:
             self.sink.close(0)
             self.sink = None
         self._close_source()
