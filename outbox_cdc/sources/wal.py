@@ -249,16 +249,20 @@ class WalSource:
                     raise SourceError(self._stream_end_reason())
                 if out:
                     break
-                remaining = deadline - time.monotonic()
+                now = time.monotonic()
+                remaining = deadline - now
                 if remaining <= 0:
                     break
-                if self._reply_requested:
-                    self._send_status(force=True)
-                ready, _, _ = select.select([self._sock, wake_fd], [], [], remaining)
+                self.tick()  # replies, throttled confirmations, periodic status
+                wait = remaining
+                if self._flushed != self._sent_flushed:  # a confirmation is waiting its turn
+                    wait = min(wait, max(0.0, self._last_status + self.options.confirm_interval
+                                         - now))
+                ready, _, _ = select.select([self._sock, wake_fd], [], [], wait)
                 if self._sock in ready:
                     pgconn.consume_input()
-                else:
-                    break  # woken up, or timed out
+                elif ready:
+                    break  # woken up by the relay
         except psycopg.Error as exc:
             raise SourceError(f"replication stream lost: {_describe(exc)}") from None
         self.tick()
