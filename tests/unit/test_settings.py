@@ -1,0 +1,97 @@
+"""Settings: precedence, validation messages that name the setting, and no secret in them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from outbox_cdc.errors import ConfigurationError
+from outbox_cdc.settings import Settings, load_settings, redact_url
+
+DOCS = Path(__file__).parents[2] / "docs" / "settings.md"
+URL = "postgresql://relay:s3cr3t-pw@db.example:5432/shop"
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in list(__import__("os").environ):
+        if name.startswith("OUTBOX_CDC_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("OUTBOX_CDC_DATABASE_URL", URL)
+    monkeypatch.setenv("OUTBOX_CDC_KAFKA_BOOTSTRAP_SERVERS", "k1:9092,k2:9092")
+    return monkeypatch
+
+
+def test_every_setting_is_documented() -> None:
+    text = DOCS.read_text()
+    for name in Settings.model_fields:
+        assert f"`{name}`" in text and f"OUTBOX_CDC_{name.upper()}" in text, name
+
+
+def test_flags_override_environment_which_overrides_the_file(
+    env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text('slot = "from_file"\ntable = "app.events"\nkafka_linger_ms = 50\n')
+    env.setenv("OUTBOX_CDC_SLOT", "from_env")
+    s = load_settings(config, slot=None, kafka_linger_ms=7)
+    assert (s.slot, s.table, s.kafka_linger_ms) == ("from_env", "app.events", 7)
+    assert s.wal_source_options().table == "app.events"
+    assert s.kafka_options().bootstrap_servers == "k1:9092,k2:9092"
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "expected"),
+    [
+        ("OUTBOX_CDC_KAFKA_LINGER_MS", "abc", "kafka_linger_ms (--kafka-linger-ms / OUTBOX_CDC_KAFKA_LINGER_MS)"),
+        ("OUTBOX_CDC_KAFKA_MAX_IN_FLIGHT_REQUESTS", "9", "kafka_max_in_flight_requests"),
+        ("OUTBOX_CDC_DATABASE_URL", "mysql://u:s3cr3t-pw@h/db", "database_url"),
+    ],
+)
+def test_invalid_settings_name_the_setting_and_hide_the_value(
+    env: pytest.MonkeyPatch, var: str, value: str, expected: str
+) -> None:
+    env.setenv(var, value)
+    with pytest.raises(ConfigurationError) as info:
+        load_settings(None)
+    assert expected in str(info.value)
+    assert "s3cr3t-pw" not in str(info.value)
+
+
+def test_missing_required_settings_are_listed(env: pytest.MonkeyPatch) -> None:
+    env.delenv("OUTBOX_CDC_KAFKA_BOOTSTRAP_SERVERS")
+    with pytest.raises(ConfigurationError, match="kafka_bootstrap_servers .* is required"):
+        load_settings(None)
+
+
+def test_unknown_keys_in_the_config_file_are_errors(env: pytest.MonkeyPatch,
+                                                     tmp_path: Path) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text("kafka_lingr_ms = 5\n")
+    with pytest.raises(ConfigurationError, match="kafka_lingr_ms.*not a known setting"):
+        load_settings(config)
+
+
+def test_secrets_do_not_print(env: pytest.MonkeyPatch) -> None:
+    env.setenv("OUTBOX_CDC_KAFKA_SASL_PASSWORD", "kafka-s3cr3t")
+    s = load_settings(None)
+    assert "s3cr3t" not in repr(s) and "s3cr3t" not in str(s.model_dump())
+    assert s.postgres_dsn() == URL
+
+
+def test_sqlalchemy_style_url_is_accepted(env: pytest.MonkeyPatch) -> None:
+    env.setenv("OUTBOX_CDC_DATABASE_URL", "postgresql+psycopg://u:p@h/db")
+    assert load_settings(None).postgres_dsn() == "postgresql://u:p@h/db"
+
+
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    [
+        (URL, "postgresql://relay:***@db.example:5432/shop"),
+        ("host=h password=s3cr3t-pw user=u", "host=h password=*** user=u"),
+        ("postgresql://h/db", "postgresql://h/db"),
+    ],
+)
+def test_redact_url(url: str, redacted: str) -> None:
+    assert redact_url(url) == redacted
