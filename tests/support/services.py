@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import socket
 import subprocess
 import tarfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -122,8 +123,25 @@ def probe_postgres(url: str, timeout: float = PROBE_TIMEOUT, *, superuser: bool 
     return str(version)
 
 
+@contextlib.contextmanager
+def _quiet_kafka_client() -> Iterator[None]:
+    """Mute kafka-python's connection errors while probing: the probe reports them itself."""
+    logger = logging.getLogger("kafka")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def probe_kafka(bootstrap: str, timeout: float = PROBE_TIMEOUT) -> dict[str, Any]:
     """One metadata request (DescribeCluster); return it. Raise if no unfenced broker answers."""
+    with _quiet_kafka_client():
+        return _probe_kafka(bootstrap, timeout)
+
+
+def _probe_kafka(bootstrap: str, timeout: float) -> dict[str, Any]:
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 
