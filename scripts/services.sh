@@ -98,6 +98,19 @@ log_tail() {
     fi
 }
 
+# Run "$@" with every file descriptor above 2 closed, for commands that leave a daemon behind:
+# a daemon must not inherit the caller's pipes (a CI runner waiting for their EOF would hang).
+without_extra_fds() {
+    (
+        local fd
+        for fd in "/proc/$BASHPID/fd"/*; do
+            fd=${fd##*/}
+            if [ "$fd" -gt 2 ]; then eval "exec $fd>&-" 2>/dev/null || true; fi
+        done
+        "$@"
+    )
+}
+
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # install root-owned file $2 with the content of file $1 if it differs; status 0 = changed
@@ -249,7 +262,7 @@ pg_wait_socket() {
 
 pg_start_server() {
     if ! pg_running; then
-        as_root pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" start \
+        without_extra_fds as_root pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" start \
             || { log_tail "$(pg_log_file)"; die "pg_ctlcluster $PG_VERSION $PG_CLUSTER start failed"; }
     fi
     pg_wait_socket
@@ -264,7 +277,7 @@ pg_apply_restart_settings() {
         have=$(pg_super -Atc "SHOW $name")
         if [ "$have" != "$want" ]; then
             log "postgres: $name is '$have', want '$want': restarting"
-            as_root pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" restart -m fast \
+            without_extra_fds as_root pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" restart -m fast \
                 || { log_tail "$(pg_log_file)"; die "postgres restart failed"; }
             pg_wait_socket
             return 0
@@ -387,7 +400,7 @@ pg_restart() {
     t0=$(now)
     pg_installed || die "postgres is not installed: run scripts/services.sh up"
     if pg_running; then
-        as_root pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" restart -m fast \
+        without_extra_fds as_root pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" restart -m fast \
             || { log_tail "$(pg_log_file)"; die "postgres restart failed"; }
     fi
     pg_start_server
@@ -569,7 +582,7 @@ kafka_start_server() {
     # setsid: own session, so a Ctrl-C or the end of the calling shell does not reach it.
     # The inner shell writes its own pid, then becomes the JVM (exec keeps the pid).
     # shellcheck disable=SC2016,SC2086  # $$ is for the inner shell; JAVA_OPTS is a word list
-    nohup setsid bash -c 'echo $$ >"$0"; exec "$@"' "$KAFKA_PID" \
+    without_extra_fds nohup setsid bash -c 'echo $$ >"$0"; exec "$@"' "$KAFKA_PID" \
         java -Xms"$KAFKA_HEAP" -Xmx"$KAFKA_HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
         -Djava.awt.headless=true -Dlog4j2.configurationFile="$KAFKA_LOG4J" \
         ${OUTBOX_CDC_KAFKA_JAVA_OPTS:-} \
@@ -704,11 +717,11 @@ EOF
 mysql_start_server() {
     if ! mysql_running; then
         if [ -x /etc/init.d/mariadb ]; then
-            as_root /etc/init.d/mariadb start >/dev/null \
+            without_extra_fds as_root /etc/init.d/mariadb start >/dev/null \
                 || { log_tail "$(mysql_log_file)"; die "mysql: /etc/init.d/mariadb start failed"; }
         else
             as_root install -d -o mysql -g mysql /run/mysqld
-            as_root bash -c 'nohup setsid mysqld_safe >/dev/null 2>&1 </dev/null &'
+            without_extra_fds as_root bash -c 'nohup setsid mysqld_safe >/dev/null 2>&1 </dev/null &'
         fi
     fi
     local deadline=$((SECONDS + READY_TIMEOUT))

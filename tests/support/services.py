@@ -61,7 +61,7 @@ KAFKA = Service(
     "Kafka",
     "OUTBOX_CDC_TEST_KAFKA_BOOTSTRAP_SERVERS",
     "OUTBOX_CDC_TEST_KAFKA_IMAGE",
-    "apache/kafka:4.1.0",
+    "apache/kafka:4.1.1",
 )
 MYSQL = Service(
     "mysql",
