@@ -116,7 +116,7 @@ def _insert_sql(dialect: str, style: str, table: str, rows: int) -> str:
         if dialect == "postgresql":
             p[0] = f"CAST({p[0]} AS uuid)"
             p[1] = f"CAST({p[1]} AS timestamptz)"
-            p[7] = f"CAST({p[7]} AS jsonb)"
+            p[7] = f"CAST({p[7]} AS json)"
         groups.append("(" + ", ".join(p) + ")")
     cols = _MYSQL_COLUMNS if dialect == "mysql" else _COLUMNS
     return f"INSERT INTO {table} {cols} VALUES " + ", ".join(groups)

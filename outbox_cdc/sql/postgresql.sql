@@ -18,8 +18,9 @@ CREATE TABLE IF NOT EXISTS {table} (
     content_type text        NOT NULL DEFAULT 'application/octet-stream',
     -- the Kafka record value, byte for byte
     payload      bytea       NOT NULL,
-    -- extra Kafka headers: a JSON object of name -> string (or {"base64": ...} for bytes)
-    headers      jsonb       NOT NULL DEFAULT '{}'::jsonb,
+    -- extra Kafka headers: a JSON object of name -> string (or {"base64": ...} for bytes).
+    -- json, not jsonb: jsonb re-orders object keys, and Kafka headers keep the given order
+    headers      json        NOT NULL DEFAULT '{}'::json,
     -- set by the polling relay once Kafka acknowledged the event; unused by the WAL relay
     published_at timestamptz
 );
