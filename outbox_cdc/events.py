@@ -69,6 +69,22 @@ class KafkaRecord:
     event_id: str
 
 
+_NOT_TEXT = "must not contain NUL characters or lone surrogates (PostgreSQL text cannot hold them)"
+
+
+def _is_text(value: str) -> bool:
+    """True if ``value`` can be stored in a PostgreSQL text column: no NUL, valid UTF-8."""
+    if "\x00" in value:
+        return False
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def validate_topic(topic: object) -> str:
     if not isinstance(topic, str) or not topic:
         raise EventValidationError("topic", "must be a non-empty string")
@@ -86,22 +102,32 @@ def encode_payload(payload: object, content_type: str | None) -> tuple[bytes, st
     if isinstance(payload, bytes | bytearray | memoryview):
         return bytes(payload), content_type or CONTENT_TYPE_BYTES
     if isinstance(payload, str):
-        return payload.encode("utf-8"), content_type or CONTENT_TYPE_TEXT
+        try:
+            return payload.encode("utf-8"), content_type or CONTENT_TYPE_TEXT
+        except UnicodeEncodeError as exc:
+            raise EventValidationError("payload", f"is not valid Unicode text ({exc})") from None
     if isinstance(payload, dict | list):
         try:
             data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False,
                               allow_nan=False).encode("utf-8")
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
+            # ValueError covers NaN/Infinity, circular references and UnicodeEncodeError
             raise EventValidationError(
                 "payload", f"cannot be serialized as JSON ({exc}); pass bytes or a str instead"
             ) from None
         return data, content_type or CONTENT_TYPE_JSON
     dump = getattr(payload, "model_dump_json", None)  # pydantic v2 model
     if callable(dump):
-        return str(dump()).encode("utf-8"), content_type or CONTENT_TYPE_JSON
+        try:
+            return str(dump()).encode("utf-8"), content_type or CONTENT_TYPE_JSON
+        except Exception as exc:  # pydantic's PydanticSerializationError and friends
+            raise EventValidationError(
+                "payload", f"the model cannot be serialized as JSON ({exc})"
+            ) from None
     raise EventValidationError(
         "payload",
-        f"unsupported type {type(payload).__name__}: pass bytes, str, dict, list or a pydantic model",
+        f"unsupported type {type(payload).__name__}: pass bytes, str, dict, list or a pydantic "
+        "model",
     )
 
 
@@ -112,14 +138,21 @@ def normalize_headers(headers: Mapping[str, HeaderValue] | None) -> tuple[tuple[
         raise EventValidationError("headers", "must be a mapping of str to str or bytes")
     out: list[tuple[str, bytes]] = []
     for name, value in headers.items():
-        if not isinstance(name, str) or not name:
-            raise EventValidationError("headers", f"header name {name!r} must be a non-empty str")
+        if not isinstance(name, str) or not name or not _is_text(name):
+            raise EventValidationError(
+                "headers", f"header name {name!r} must be a non-empty str without NUL characters"
+            )
         if name in _RESERVED_HEADERS:
             raise EventValidationError(
                 "headers", f"{name!r} is set by outbox-cdc (CloudEvents binding); rename it"
             )
         if isinstance(value, str):
-            out.append((name, value.encode("utf-8")))
+            try:
+                out.append((name, value.encode("utf-8")))
+            except UnicodeEncodeError as exc:
+                raise EventValidationError(
+                    "headers", f"value of {name!r} is not valid Unicode text ({exc})"
+                ) from None
         elif isinstance(value, bytes | bytearray):
             out.append((name, bytes(value)))
         else:
@@ -145,10 +178,20 @@ def create_event(
     validate_topic(topic)
     if not isinstance(type, str) or not type.strip():
         raise EventValidationError("type", "must be a non-empty string, e.g. 'order.created'")
-    if key is not None and not isinstance(key, str):
-        raise EventValidationError("key", f"must be a str or None, not {key.__class__.__name__}")
-    if content_type is not None and (not isinstance(content_type, str) or not content_type):
-        raise EventValidationError("content_type", "must be a non-empty string or None")
+    if not _is_text(type):
+        raise EventValidationError("type", _NOT_TEXT)
+    if key is not None:
+        if not isinstance(key, str):
+            raise EventValidationError(
+                "key", f"must be a str or None, not {key.__class__.__name__}"
+            )
+        if not _is_text(key):
+            raise EventValidationError("key", _NOT_TEXT)
+    if content_type is not None:
+        if not isinstance(content_type, str) or not content_type:
+            raise EventValidationError("content_type", "must be a non-empty string or None")
+        if not _is_text(content_type):
+            raise EventValidationError("content_type", _NOT_TEXT)
     data, ctype = encode_payload(payload, content_type)
     if len(data) > max_payload_bytes:
         raise EventValidationError(
@@ -177,13 +220,54 @@ def create_event(
     )
 
 
+def check_event(event: OutboxEvent, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
+    """Validate an event built by other means than :func:`create_event` (e.g. ``OutboxEvent(...)``
+    given to ``publish_many``) with the same rules. Raises EventValidationError."""
+    if not isinstance(event.id, uuid.UUID):
+        raise EventValidationError("id", f"{event.id!r} is not a uuid.UUID")
+    if not isinstance(event.created_at, datetime):
+        raise EventValidationError("created_at", "must be a datetime")
+    validate_topic(event.topic)
+    if not isinstance(event.type, str) or not event.type.strip() or not _is_text(event.type):
+        raise EventValidationError("type", "must be a non-empty string without NUL characters")
+    if event.key is not None and (not isinstance(event.key, str) or not _is_text(event.key)):
+        raise EventValidationError("key", "must be None or a str without NUL characters")
+    if (not isinstance(event.content_type, str) or not event.content_type
+            or not _is_text(event.content_type)):
+        raise EventValidationError("content_type", "must be a non-empty string")
+    if not isinstance(event.payload, bytes):
+        raise EventValidationError("payload", "must be bytes in an OutboxEvent")
+    if len(event.payload) > max_payload_bytes:
+        raise EventValidationError(
+            "payload", f"is {len(event.payload)} bytes, above the limit of {max_payload_bytes}"
+        )
+    if not isinstance(event.headers, tuple):
+        raise EventValidationError("headers", "must be a tuple of (str, bytes) pairs")
+    for pair in event.headers:
+        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[1], bytes)):
+            raise EventValidationError("headers", f"{pair!r} is not a (str, bytes) pair")
+        name = pair[0]
+        if not isinstance(name, str) or not name or not _is_text(name):
+            raise EventValidationError("headers", f"header name {name!r} must be a non-empty str")
+        if name in _RESERVED_HEADERS:
+            raise EventValidationError(
+                "headers", f"{name!r} is set by outbox-cdc (CloudEvents binding); rename it"
+            )
+
+
 # -- headers as stored in the outbox (a JSON object) --------------------------------------------
-# A value is a JSON string (UTF-8 text) or {"base64": "..."} for bytes that are not UTF-8.
+# A value is a JSON string (UTF-8 text) or {"base64": "..."} for bytes that are not UTF-8 or
+# that contain a NUL byte.
 
 
 def headers_to_json(headers: tuple[tuple[str, bytes], ...]) -> str:
     obj: dict[str, Any] = {}
     for name, value in headers:
+        # NUL is valid UTF-8, but PostgreSQL cannot turn "\u0000" into text (a jsonb cast or the
+        # ->> operator fails, aborting the transaction), so such values go as base64 too.
+        if b"\x00" in value:
+            obj[name] = {"base64": base64.b64encode(value).decode("ascii")}
+            continue
         try:
             obj[name] = value.decode("utf-8")
         except UnicodeDecodeError:
@@ -236,7 +320,7 @@ def envelope_from_json(text: str, *, lsn: str | None = None) -> OutboxEvent:
             raise ValueError(f"unknown envelope version {env.get('v')!r}")
         return OutboxEvent(
             id=uuid.UUID(env["id"]),
-            created_at=datetime.fromisoformat(env["time"]),
+            created_at=parse_time(env["time"]),
             topic=validate_topic(env["topic"]),
             type=str(env["type"]),
             payload=base64.b64decode(env["payload"], validate=True),
@@ -246,6 +330,14 @@ def envelope_from_json(text: str, *, lsn: str | None = None) -> OutboxEvent:
         )
     except (ValueError, KeyError, TypeError, EventValidationError) as exc:
         raise EventDecodeError(f"invalid outbox message envelope: {exc}", lsn=lsn) from None
+
+
+def parse_time(text: str) -> datetime:
+    """Inverse of :func:`format_time`. Python 3.10's ``fromisoformat`` refuses the ``Z`` suffix."""
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    ts = datetime.fromisoformat(text)
+    return ts if ts.tzinfo is not None else ts.replace(tzinfo=timezone.utc)
 
 
 def format_time(ts: datetime) -> str:
