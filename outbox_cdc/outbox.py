@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import sqlite3
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -22,9 +23,9 @@ from outbox_cdc.events import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     HeaderValue,
     OutboxEvent,
+    check_event,
     create_event,
     envelope_to_json,
-    format_time,
     headers_to_json,
 )
 from outbox_cdc.schema import validate_table
@@ -47,36 +48,79 @@ class _Target:
 
     dialect: str  # postgresql | mysql | sqlite
     style: str  # format (%s) | qmark (?) | named (:p0, for SQLAlchemy text())
-    flavor: str  # psycopg | psycopg_async | sqlalchemy | sqlalchemy_async | dbapi
+    flavor: str  # psycopg[_cursor][_async] | sqlalchemy[_async] | dbapi
     handle: Any
 
 
+_libraries: dict[type, str | None] = {}
+
+
+def _library(cls: type) -> str | None:
+    """Which driver library a connection class comes from, looking at its bases too: apps and
+    frameworks subclass connections and sessions (e.g. Flask-SQLAlchemy's Session)."""
+    try:
+        return _libraries[cls]
+    except KeyError:
+        pass
+    roots = {c.__module__.partition(".")[0] for c in cls.__mro__}
+    lib: str | None = next((n for n in ("psycopg", "sqlalchemy", "pymysql") if n in roots), None)
+    if lib is None and issubclass(cls, sqlite3.Connection | sqlite3.Cursor):
+        lib = "sqlite3"
+    if len(_libraries) < 256:
+        _libraries[cls] = lib
+    return lib
+
+
+def _psycopg_unusable_cursors(psycopg: Any) -> tuple[type, ...]:
+    return (psycopg.ServerCursor, psycopg.AsyncServerCursor, psycopg.RawCursor,
+            psycopg.AsyncRawCursor)
+
+
 def _target(conn: Any) -> _Target:
-    mod = type(conn).__module__
-    if mod.startswith("psycopg"):
+    lib = _library(type(conn))
+    if lib == "psycopg":
         import psycopg
 
-        if isinstance(conn, psycopg.Connection | psycopg.Cursor):
+        # Our SQL uses %s placeholders. A server-side (named) cursor would wrap the INSERT in
+        # DECLARE ... CURSOR FOR, and a RawCursor wants $1 placeholders: both fail with a syntax
+        # error that aborts the caller's transaction. So such cursors are replaced by their
+        # connection (the same transaction), and a connection is used through a plain
+        # psycopg.Cursor of ours, whatever its cursor_factory.
+        if isinstance(conn, psycopg.Cursor | psycopg.AsyncCursor) and isinstance(
+            conn, _psycopg_unusable_cursors(psycopg)
+        ):
+            conn = conn.connection
+        if isinstance(conn, psycopg.Connection):
             return _Target("postgresql", "format", "psycopg", conn)
-        if isinstance(conn, psycopg.AsyncConnection | psycopg.AsyncCursor):
+        if isinstance(conn, psycopg.Cursor):
+            return _Target("postgresql", "format", "psycopg_cursor", conn)
+        if isinstance(conn, psycopg.AsyncConnection):
             return _Target("postgresql", "format", "psycopg_async", conn)
-    if mod.startswith("sqlalchemy"):
+        if isinstance(conn, psycopg.AsyncCursor):
+            return _Target("postgresql", "format", "psycopg_cursor_async", conn)
+    elif lib == "sqlalchemy":
         return _sqlalchemy_target(conn)
-    if isinstance(conn, sqlite3.Connection | sqlite3.Cursor):
+    elif lib == "sqlite3":
         return _Target("sqlite", "qmark", "dbapi", conn)
-    if mod.startswith("pymysql"):
-        return _Target("mysql", "format", "dbapi", conn)
+    elif lib == "pymysql":
+        from pymysql.connections import Connection as PyMySQLConnection
+        from pymysql.cursors import Cursor as PyMySQLCursor
+
+        if isinstance(conn, PyMySQLConnection | PyMySQLCursor):
+            return _Target("mysql", "format", "dbapi", conn)
     raise UnsupportedConnectionError(
-        f"conn: unsupported connection type {mod}.{type(conn).__qualname__}; pass one of: "
-        f"{SUPPORTED}"
+        f"conn: unsupported connection type {type(conn).__module__}.{type(conn).__qualname__}; "
+        f"pass one of: {SUPPORTED}"
     )
 
 
 def _sqlalchemy_target(conn: Any) -> _Target:
     from sqlalchemy.engine import Connection
-    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
-    from sqlalchemy.orm import Session
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_scoped_session
+    from sqlalchemy.orm import Session, scoped_session
 
+    if isinstance(conn, scoped_session | async_scoped_session):
+        conn = conn()  # the registry's current session (e.g. Flask-SQLAlchemy's db.session)
     bind: Any
     if isinstance(conn, Connection | Session):
         flavor = "sqlalchemy"
@@ -133,15 +177,70 @@ def _message_sql(style: str, rows: int) -> str:
             f"FROM unnest(CAST({contents} AS text[])) AS m")
 
 
+def _utc_naive(ts: datetime) -> datetime:
+    return ts if ts.tzinfo is None else ts.astimezone(timezone.utc).replace(tzinfo=None)
+
+
 def _row_params(dialect: str, event: OutboxEvent) -> list[Any]:
     if dialect == "mysql":
-        created: Any = event.created_at.replace(tzinfo=None)  # DATETIME(6) in UTC
+        created: Any = _utc_naive(event.created_at)  # DATETIME(6) in UTC
     elif dialect == "sqlite":
-        created = format_time(event.created_at)
+        # fixed width (always microseconds), so the text sorts like the time it holds
+        created = _utc_naive(event.created_at).isoformat(timespec="microseconds") + "Z"
     else:
         created = event.created_at
     return [str(event.id), created, event.topic, event.key, event.type, event.content_type,
             event.payload, headers_to_json(event.headers)]
+
+
+def _bind(target: _Target, sql: str, params: list[Any]) -> tuple[str, Any]:
+    if target.style == "named":
+        return sql, {f"p{i}": v for i, v in enumerate(params)}
+    return sql, params
+
+
+# One INSERT binds 8 parameters per row. PostgreSQL's protocol allows 65535 parameters per
+# statement, SQLite builds before 3.32 allow 999; MySQL's max_allowed_packet (16 MiB by default in
+# MariaDB, 4 MiB in MySQL 5.7) limits the statement size, as PyMySQL inlines the values.
+MAX_BATCH_ROWS = 1000
+MAX_BATCH_PAYLOAD_BYTES = 4 * 1024 * 1024
+
+
+def _max_rows(dialect: str) -> int:
+    if dialect == "sqlite" and sqlite3.sqlite_version_info < (3, 32, 0):
+        return 999 // 8
+    return MAX_BATCH_ROWS
+
+
+def _chunks(events: Sequence[OutboxEvent], max_rows: int) -> Iterator[Sequence[OutboxEvent]]:
+    if len(events) <= max_rows and (
+        len(events) == 1 or sum(len(e.payload) for e in events) <= MAX_BATCH_PAYLOAD_BYTES
+    ):
+        yield events
+        return
+    start, size = 0, 0
+    for i, e in enumerate(events):
+        if i > start and (i - start >= max_rows or size + len(e.payload) > MAX_BATCH_PAYLOAD_BYTES):
+            yield events[start:i]
+            start, size = i, 0
+        size += len(e.payload)
+    yield events[start:]
+
+
+# MySQL/MariaDB columns with a length (characters, utf8mb4); a longer value would fail the
+# statement in strict mode or be cut silently without it.
+_MYSQL_LIMITS = (("key", 1024), ("type", 255), ("content_type", 255))
+
+
+def _check_mysql_limits(events: Sequence[OutboxEvent], many: bool) -> None:
+    for i, e in enumerate(events):
+        for field, limit in _MYSQL_LIMITS:
+            value = getattr(e, field)
+            if value is not None and len(value) > limit:
+                name = f"events[{i}].{field}" if many else field
+                raise EventValidationError(
+                    name, f"is {len(value)} characters; the MySQL outbox column holds {limit}"
+                )
 
 
 # -- trace context -------------------------------------------------------------------------------
@@ -189,6 +288,11 @@ class Outbox:
             raise ConfigurationError(f"mode: {mode!r}; expected 'table' or 'message'")
         if not message_prefix:
             raise ConfigurationError("message_prefix: must be a non-empty string")
+        if (not isinstance(max_payload_bytes, int) or isinstance(max_payload_bytes, bool)
+                or max_payload_bytes < 0):
+            raise ConfigurationError(
+                f"max_payload_bytes: {max_payload_bytes!r}; expected an int >= 0"
+            )
         self.table = validate_table(table)
         self.mode = mode
         self.message_prefix = message_prefix
@@ -213,7 +317,9 @@ class Outbox:
             trace = _trace_headers()
             if trace:
                 if headers is not None and not isinstance(headers, Mapping):
-                    raise EventValidationError("headers", "must be a mapping of str to str or bytes")
+                    raise EventValidationError(
+                        "headers", "must be a mapping of str to str or bytes"
+                    )
                 merged: dict[str, HeaderValue] = dict(trace)
                 merged.update(headers or {})
                 headers = merged
@@ -224,23 +330,29 @@ class Outbox:
     def _events(self, events: Iterable[OutboxEvent | Mapping[str, Any]]) -> list[OutboxEvent]:
         out = []
         for i, e in enumerate(events):
-            if isinstance(e, OutboxEvent):
-                out.append(e)
-            elif isinstance(e, Mapping):
-                try:
+            try:
+                if isinstance(e, OutboxEvent):
+                    check_event(e, self.max_payload_bytes)
+                    out.append(e)
+                elif isinstance(e, Mapping):
                     out.append(self.event(**e))
-                except EventValidationError as exc:
-                    raise EventValidationError(f"events[{i}].{exc.field}",
-                                               str(exc).split(": ", 1)[1]) from None
-                except TypeError as exc:
-                    raise EventValidationError(f"events[{i}]", str(exc)) from None
-            else:
-                raise EventValidationError(
-                    f"events[{i}]", f"must be an OutboxEvent or a mapping, not {type(e).__name__}"
-                )
+                else:
+                    raise EventValidationError(
+                        f"events[{i}]",
+                        f"must be an OutboxEvent or a mapping, not {type(e).__name__}",
+                    )
+            except EventValidationError as exc:
+                if exc.field.startswith("events["):
+                    raise
+                raise EventValidationError(f"events[{i}].{exc.field}",
+                                           str(exc).split(": ", 1)[1]) from None
+            except TypeError as exc:
+                raise EventValidationError(f"events[{i}]", str(exc)) from None
         return out
 
-    def _statement(self, target: _Target, events: Sequence[OutboxEvent]) -> tuple[str, Any]:
+    def _statements(self, target: _Target, events: Sequence[OutboxEvent],
+                    many: bool) -> list[tuple[str, Any]]:
+        """The statements writing ``events``: one, unless a batch is too large for one."""
         if self.mode == "message":
             if target.dialect != "postgresql":
                 raise UnsupportedConnectionError(
@@ -251,14 +363,17 @@ class Outbox:
             sql = _message_sql(target.style, len(events))
             params: list[Any] = [self.message_prefix,
                                  envelopes[0] if len(events) == 1 else envelopes]
-        else:
-            sql = _insert_sql(target.dialect, target.style, self.table, len(events))
+            return [_bind(target, sql, params)]
+        if target.dialect == "mysql":
+            _check_mysql_limits(events, many)
+        out = []
+        for chunk in _chunks(events, _max_rows(target.dialect)):
             params = []
-            for e in events:
+            for e in chunk:
                 params.extend(_row_params(target.dialect, e))
-        if target.style == "named":
-            return sql, {f"p{i}": v for i, v in enumerate(params)}
-        return sql, params
+            sql = _insert_sql(target.dialect, target.style, self.table, len(chunk))
+            out.append(_bind(target, sql, params))
+        return out
 
     # -- sync -----------------------------------------------------------------------------------
 
@@ -268,39 +383,51 @@ class Outbox:
         """Write one event in the caller's transaction; returns its id."""
         event = self.event(topic=topic, type=type, payload=payload, key=key, headers=headers,
                            id=id, content_type=content_type)
-        self._run(conn, [event])
+        self._run(conn, [event], many=False)
         return event.id
 
     def publish_many(self, conn: Any,
                      events: Iterable[OutboxEvent | Mapping[str, Any]]) -> list[uuid.UUID]:
-        """Write several events in one round trip, in the given order; returns their ids."""
+        """Write several events in the given order, in one statement (one round trip) unless
+        the batch exceeds 1000 events or 4 MiB of payload; returns their ids. All are validated
+        before the first is written."""
         built = self._events(events)
         if built:
-            self._run(conn, built)
+            self._run(conn, built, many=True)
         return [e.id for e in built]
 
-    def _run(self, conn: Any, events: Sequence[OutboxEvent]) -> None:
+    def _run(self, conn: Any, events: Sequence[OutboxEvent], *, many: bool) -> None:
         target = _target(conn)
         if target.flavor.endswith("_async"):
             raise UnsupportedConnectionError(
                 "conn: this is an async connection; use publish_async / publish_many_async"
             )
-        sql, params = self._statement(target, events)
+        statements = self._statements(target, events, many)
         h = target.handle
         if target.flavor == "sqlalchemy":
             from sqlalchemy import text
 
-            h.execute(text(sql), params)
+            for sql, params in statements:
+                h.execute(text(sql), params)
         elif target.flavor == "psycopg":
-            h.execute(sql, params)
-        else:  # DB-API: a cursor we may use, or a connection we open a cursor on
-            if hasattr(h, "cursor") and not isinstance(h, sqlite3.Cursor):
-                cur = h.cursor()
-                try:
+            import psycopg
+
+            with psycopg.Cursor(h) as cur:
+                for sql, params in statements:
                     cur.execute(sql, params)
-                finally:
-                    cur.close()
-            else:
+        elif target.flavor == "psycopg_cursor":
+            for sql, params in statements:
+                h.execute(sql, params)
+        elif hasattr(h, "cursor") and not isinstance(h, sqlite3.Cursor):
+            # DB-API connection: run on a cursor of our own
+            cur = h.cursor()
+            try:
+                for sql, params in statements:
+                    cur.execute(sql, params)
+            finally:
+                cur.close()
+        else:  # DB-API cursor given by the caller
+            for sql, params in statements:
                 h.execute(sql, params)
 
     # -- async ----------------------------------------------------------------------------------
@@ -313,30 +440,39 @@ class Outbox:
         """Async twin of :meth:`publish` (psycopg AsyncConnection, SQLAlchemy async)."""
         event = self.event(topic=topic, type=type, payload=payload, key=key, headers=headers,
                            id=id, content_type=content_type)
-        await self._run_async(conn, [event])
+        await self._run_async(conn, [event], many=False)
         return event.id
 
     async def publish_many_async(
         self, conn: Any, events: Iterable[OutboxEvent | Mapping[str, Any]]
     ) -> list[uuid.UUID]:
+        """Async twin of :meth:`publish_many`."""
         built = self._events(events)
         if built:
-            await self._run_async(conn, built)
+            await self._run_async(conn, built, many=True)
         return [e.id for e in built]
 
-    async def _run_async(self, conn: Any, events: Sequence[OutboxEvent]) -> None:
+    async def _run_async(self, conn: Any, events: Sequence[OutboxEvent], *, many: bool) -> None:
         target = _target(conn)
         if not target.flavor.endswith("_async"):
             raise UnsupportedConnectionError(
                 "conn: this is a sync connection; use publish / publish_many"
             )
-        sql, params = self._statement(target, events)
+        statements = self._statements(target, events, many)
         if target.flavor == "sqlalchemy_async":
             from sqlalchemy import text
 
-            await target.handle.execute(text(sql), params)
+            for sql, params in statements:
+                await target.handle.execute(text(sql), params)
+        elif target.flavor == "psycopg_async":
+            import psycopg
+
+            async with psycopg.AsyncCursor(target.handle) as cur:
+                for sql, params in statements:
+                    await cur.execute(sql, params)
         else:
-            await target.handle.execute(sql, params)
+            for sql, params in statements:
+                await target.handle.execute(sql, params)
 
 
 _default = Outbox()
