@@ -367,7 +367,8 @@ class Outbox:
         if target.dialect == "mysql":
             _check_mysql_limits(events, many)
         out = []
-        for chunk in _chunks(events, _max_rows(target.dialect)):
+        chunks = (events,) if len(events) == 1 else _chunks(events, _max_rows(target.dialect))
+        for chunk in chunks:
             params = []
             for e in chunk:
                 params.extend(_row_params(target.dialect, e))
