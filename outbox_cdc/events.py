@@ -117,8 +117,9 @@ def encode_payload(payload: object, content_type: str | None) -> tuple[bytes, st
             raise EventValidationError("payload", f"is not valid Unicode text ({exc})") from None
     if isinstance(payload, dict | list):
         try:
-            data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False,
-                              allow_nan=False).encode("utf-8")
+            data = json.dumps(
+                payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+            ).encode("utf-8")
         except (TypeError, ValueError, RecursionError) as exc:
             # ValueError covers NaN/Infinity, circular references and UnicodeEncodeError
             raise EventValidationError(
@@ -241,8 +242,11 @@ def check_event(event: OutboxEvent, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
         raise EventValidationError("type", "must be a non-empty string without NUL characters")
     if event.key is not None and (not isinstance(event.key, str) or not _is_text(event.key)):
         raise EventValidationError("key", "must be None or a str without NUL characters")
-    if (not isinstance(event.content_type, str) or not event.content_type
-            or not _is_text(event.content_type)):
+    if (
+        not isinstance(event.content_type, str)
+        or not event.content_type
+        or not _is_text(event.content_type)
+    ):
         raise EventValidationError("content_type", "must be a non-empty string")
     if not isinstance(event.payload, bytes):
         raise EventValidationError("payload", "must be bytes in an OutboxEvent")
@@ -296,7 +300,7 @@ def headers_from_obj(obj: object) -> tuple[tuple[str, bytes], ...]:
         elif isinstance(value, dict) and isinstance(value.get("base64"), str):
             out.append((name, base64.b64decode(value["base64"], validate=True)))
         else:
-            raise ValueError(f"header {name!r} must be a string or {{\"base64\": ...}}")
+            raise ValueError(f'header {name!r} must be a string or {{"base64": ...}}')
     return tuple(out)
 
 

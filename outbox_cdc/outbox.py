@@ -72,8 +72,12 @@ def _library(cls: type) -> str | None:
 
 
 def _psycopg_unusable_cursors(psycopg: Any) -> tuple[type, ...]:
-    return (psycopg.ServerCursor, psycopg.AsyncServerCursor, psycopg.RawCursor,
-            psycopg.AsyncRawCursor)
+    return (
+        psycopg.ServerCursor,
+        psycopg.AsyncServerCursor,
+        psycopg.RawCursor,
+        psycopg.AsyncRawCursor,
+    )
 
 
 def _target(conn: Any) -> _Target:
@@ -134,8 +138,12 @@ def _sqlalchemy_target(conn: Any) -> _Target:
             "or Session (sync or async), not an Engine: the event must join your transaction"
         )
     name = bind.dialect.name
-    dialect = {"postgresql": "postgresql", "mysql": "mysql", "mariadb": "mysql",
-               "sqlite": "sqlite"}.get(name)
+    dialect = {
+        "postgresql": "postgresql",
+        "mysql": "mysql",
+        "mariadb": "mysql",
+        "sqlite": "sqlite",
+    }.get(name)
     if dialect is None:
         raise UnsupportedConnectionError(f"conn: SQLAlchemy dialect {name!r} is not supported")
     return _Target(dialect, "named", flavor, conn)
@@ -173,8 +181,10 @@ def _message_sql(style: str, rows: int) -> str:
         return f"SELECT pg_logical_emit_message(true, {prefix}, {content})"
     prefix, contents = _placeholders(style, 0, 2)
     # unnest yields the array in order, and the target list runs row by row in that order
-    return (f"SELECT count(pg_logical_emit_message(true, {prefix}, m)) "
-            f"FROM unnest(CAST({contents} AS text[])) AS m")
+    return (
+        f"SELECT count(pg_logical_emit_message(true, {prefix}, m)) "
+        f"FROM unnest(CAST({contents} AS text[])) AS m"
+    )
 
 
 def _utc_naive(ts: datetime) -> datetime:
@@ -189,8 +199,16 @@ def _row_params(dialect: str, event: OutboxEvent) -> list[Any]:
         created = _utc_naive(event.created_at).isoformat(timespec="microseconds") + "Z"
     else:
         created = event.created_at
-    return [str(event.id), created, event.topic, event.key, event.type, event.content_type,
-            event.payload, headers_to_json(event.headers)]
+    return [
+        str(event.id),
+        created,
+        event.topic,
+        event.key,
+        event.type,
+        event.content_type,
+        event.payload,
+        headers_to_json(event.headers),
+    ]
 
 
 def _bind(target: _Target, sql: str, params: list[Any]) -> tuple[str, Any]:
@@ -288,8 +306,11 @@ class Outbox:
             raise ConfigurationError(f"mode: {mode!r}; expected 'table' or 'message'")
         if not message_prefix:
             raise ConfigurationError("message_prefix: must be a non-empty string")
-        if (not isinstance(max_payload_bytes, int) or isinstance(max_payload_bytes, bool)
-                or max_payload_bytes < 0):
+        if (
+            not isinstance(max_payload_bytes, int)
+            or isinstance(max_payload_bytes, bool)
+            or max_payload_bytes < 0
+        ):
             raise ConfigurationError(
                 f"max_payload_bytes: {max_payload_bytes!r}; expected an int >= 0"
             )
@@ -323,9 +344,16 @@ class Outbox:
                 merged: dict[str, HeaderValue] = dict(trace)
                 merged.update(headers or {})
                 headers = merged
-        return create_event(topic=topic, type=type, payload=payload, key=key, headers=headers,
-                            id=id, content_type=content_type,
-                            max_payload_bytes=self.max_payload_bytes)
+        return create_event(
+            topic=topic,
+            type=type,
+            payload=payload,
+            key=key,
+            headers=headers,
+            id=id,
+            content_type=content_type,
+            max_payload_bytes=self.max_payload_bytes,
+        )
 
     def _events(self, events: Iterable[OutboxEvent | Mapping[str, Any]]) -> list[OutboxEvent]:
         out = []
@@ -344,14 +372,16 @@ class Outbox:
             except EventValidationError as exc:
                 if exc.field.startswith("events["):
                     raise
-                raise EventValidationError(f"events[{i}].{exc.field}",
-                                           str(exc).split(": ", 1)[1]) from None
+                raise EventValidationError(
+                    f"events[{i}].{exc.field}", str(exc).split(": ", 1)[1]
+                ) from None
             except TypeError as exc:
                 raise EventValidationError(f"events[{i}]", str(exc)) from None
         return out
 
-    def _statements(self, target: _Target, events: Sequence[OutboxEvent],
-                    many: bool) -> list[tuple[str, Any]]:
+    def _statements(
+        self, target: _Target, events: Sequence[OutboxEvent], many: bool
+    ) -> list[tuple[str, Any]]:
         """The statements writing ``events``: one, unless a batch is too large for one."""
         if self.mode == "message":
             if target.dialect != "postgresql":
@@ -361,8 +391,10 @@ class Outbox:
                 )
             envelopes = [envelope_to_json(e) for e in events]
             sql = _message_sql(target.style, len(events))
-            params: list[Any] = [self.message_prefix,
-                                 envelopes[0] if len(events) == 1 else envelopes]
+            params: list[Any] = [
+                self.message_prefix,
+                envelopes[0] if len(events) == 1 else envelopes,
+            ]
             return [_bind(target, sql, params)]
         if target.dialect == "mysql":
             _check_mysql_limits(events, many)
@@ -378,17 +410,34 @@ class Outbox:
 
     # -- sync -----------------------------------------------------------------------------------
 
-    def publish(self, conn: Any, *, topic: str, type: str, payload: object,
-                key: str | None = None, headers: Mapping[str, HeaderValue] | None = None,
-                id: uuid.UUID | str | None = None, content_type: str | None = None) -> uuid.UUID:
+    def publish(
+        self,
+        conn: Any,
+        *,
+        topic: str,
+        type: str,
+        payload: object,
+        key: str | None = None,
+        headers: Mapping[str, HeaderValue] | None = None,
+        id: uuid.UUID | str | None = None,
+        content_type: str | None = None,
+    ) -> uuid.UUID:
         """Write one event in the caller's transaction; returns its id."""
-        event = self.event(topic=topic, type=type, payload=payload, key=key, headers=headers,
-                           id=id, content_type=content_type)
+        event = self.event(
+            topic=topic,
+            type=type,
+            payload=payload,
+            key=key,
+            headers=headers,
+            id=id,
+            content_type=content_type,
+        )
         self._run(conn, [event], many=False)
         return event.id
 
-    def publish_many(self, conn: Any,
-                     events: Iterable[OutboxEvent | Mapping[str, Any]]) -> list[uuid.UUID]:
+    def publish_many(
+        self, conn: Any, events: Iterable[OutboxEvent | Mapping[str, Any]]
+    ) -> list[uuid.UUID]:
         """Write several events in the given order, in one statement (one round trip) unless
         the batch exceeds 1000 events or 4 MiB of payload; returns their ids. All are validated
         before the first is written."""
@@ -433,14 +482,28 @@ class Outbox:
 
     # -- async ----------------------------------------------------------------------------------
 
-    async def publish_async(self, conn: Any, *, topic: str, type: str, payload: object,
-                            key: str | None = None,
-                            headers: Mapping[str, HeaderValue] | None = None,
-                            id: uuid.UUID | str | None = None,
-                            content_type: str | None = None) -> uuid.UUID:
+    async def publish_async(
+        self,
+        conn: Any,
+        *,
+        topic: str,
+        type: str,
+        payload: object,
+        key: str | None = None,
+        headers: Mapping[str, HeaderValue] | None = None,
+        id: uuid.UUID | str | None = None,
+        content_type: str | None = None,
+    ) -> uuid.UUID:
         """Async twin of :meth:`publish` (psycopg AsyncConnection, SQLAlchemy async)."""
-        event = self.event(topic=topic, type=type, payload=payload, key=key, headers=headers,
-                           id=id, content_type=content_type)
+        event = self.event(
+            topic=topic,
+            type=type,
+            payload=payload,
+            key=key,
+            headers=headers,
+            id=id,
+            content_type=content_type,
+        )
         await self._run_async(conn, [event], many=False)
         return event.id
 
@@ -479,24 +542,55 @@ class Outbox:
 _default = Outbox()
 
 
-def publish(conn: Any, *, topic: str, type: str, payload: object, key: str | None = None,
-            headers: Mapping[str, HeaderValue] | None = None, id: uuid.UUID | str | None = None,
-            content_type: str | None = None) -> uuid.UUID:
+def publish(
+    conn: Any,
+    *,
+    topic: str,
+    type: str,
+    payload: object,
+    key: str | None = None,
+    headers: Mapping[str, HeaderValue] | None = None,
+    id: uuid.UUID | str | None = None,
+    content_type: str | None = None,
+) -> uuid.UUID:
     """Write one event into table ``outbox`` in the caller's transaction; returns its id.
 
     Use :class:`Outbox` for another table, the table-less mode or other limits.
     """
-    return _default.publish(conn, topic=topic, type=type, payload=payload, key=key,
-                            headers=headers, id=id, content_type=content_type)
+    return _default.publish(
+        conn,
+        topic=topic,
+        type=type,
+        payload=payload,
+        key=key,
+        headers=headers,
+        id=id,
+        content_type=content_type,
+    )
 
 
-async def publish_async(conn: Any, *, topic: str, type: str, payload: object,
-                        key: str | None = None, headers: Mapping[str, HeaderValue] | None = None,
-                        id: uuid.UUID | str | None = None,
-                        content_type: str | None = None) -> uuid.UUID:
+async def publish_async(
+    conn: Any,
+    *,
+    topic: str,
+    type: str,
+    payload: object,
+    key: str | None = None,
+    headers: Mapping[str, HeaderValue] | None = None,
+    id: uuid.UUID | str | None = None,
+    content_type: str | None = None,
+) -> uuid.UUID:
     """Async twin of :func:`publish`."""
-    return await _default.publish_async(conn, topic=topic, type=type, payload=payload, key=key,
-                                        headers=headers, id=id, content_type=content_type)
+    return await _default.publish_async(
+        conn,
+        topic=topic,
+        type=type,
+        payload=payload,
+        key=key,
+        headers=headers,
+        id=id,
+        content_type=content_type,
+    )
 
 
 def publish_many(conn: Any, events: Iterable[OutboxEvent | Mapping[str, Any]]) -> list[uuid.UUID]:
@@ -504,7 +598,8 @@ def publish_many(conn: Any, events: Iterable[OutboxEvent | Mapping[str, Any]]) -
     return _default.publish_many(conn, events)
 
 
-async def publish_many_async(conn: Any,
-                             events: Iterable[OutboxEvent | Mapping[str, Any]]) -> list[uuid.UUID]:
+async def publish_many_async(
+    conn: Any, events: Iterable[OutboxEvent | Mapping[str, Any]]
+) -> list[uuid.UUID]:
     """Async twin of :func:`publish_many`."""
     return await _default.publish_many_async(conn, events)
