@@ -121,12 +121,14 @@ class Relay:
         self._in_flight_bytes = 0
         self._unackable = 0  # events that failed for good: never acknowledged, never confirmed
         self._state = ""
+        self._stop_deadline = 0.0  # set by stop(): reading the open transaction, then draining
 
     # -- control --------------------------------------------------------------------------------
 
     def stop(self) -> None:
         """Ask the loop to stop reading, deliver what is in flight, confirm, and return.
         Safe to call from a signal handler or another thread."""
+        self._stop_deadline = time.monotonic() + self.options.shutdown_timeout
         self._stopping.set()
         self._wake()
 
@@ -204,7 +206,12 @@ class Relay:
         txn: Transaction | None = None
         send = self._send
 
-        while not self._stopping.is_set():
+        # After stop(), read on to the end of a partly read transaction (bounded by the
+        # shutdown timeout): its events delivered so far become confirmable, instead of being
+        # sent again after a restart.
+        while not self._stopping.is_set() or (
+            tracker.in_transaction and time.monotonic() < self._stop_deadline
+        ):
             self._drain_completions()
             full = (tracker.in_flight >= opts.max_in_flight_events
                     or self._in_flight_bytes >= opts.max_in_flight_bytes)
@@ -372,7 +379,7 @@ class Relay:
 
     def _shutdown(self) -> None:
         """Deliver what is in flight (bounded), confirm it, close everything."""
-        deadline = time.monotonic() + self.options.shutdown_timeout
+        deadline = self._stop_deadline or time.monotonic() + self.options.shutdown_timeout
         try:
             if self.sink is not None and self.tracker.in_flight > self._unackable:
                 log.info("stopping: waiting up to %.0fs for %d events in flight",

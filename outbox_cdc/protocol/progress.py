@@ -101,6 +101,11 @@ class AckTracker:
             self.confirmed = position
 
     @property
+    def in_transaction(self) -> bool:
+        """True between begin() and commit(): a transaction is partly read."""
+        return self._in_txn
+
+    @property
     def busy(self) -> bool:
         """True while any transaction is open or waiting for acknowledgments."""
         return self._in_txn or bool(self._queue)
