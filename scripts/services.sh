@@ -98,18 +98,17 @@ log_tail() {
     fi
 }
 
-# Run "$@" with every file descriptor above 2 closed, for commands that leave a daemon behind:
-# a daemon must not inherit the caller's pipes (a CI runner waiting for their EOF would hang).
-without_extra_fds() {
-    (
-        local fd
-        for fd in "/proc/$BASHPID/fd"/*; do
-            fd=${fd##*/}
-            if [ "$fd" -gt 2 ]; then eval "exec $fd>&-" 2>/dev/null || true; fi
-        done
-        "$@"
-    )
+# Daemons started from here must not inherit the caller's descriptors above 2: neither a pipe
+# (a CI runner waiting for its EOF would hang) nor this script's lock (fd 9).
+close_extra_fds() {
+    local fd
+    for fd in "/proc/$BASHPID/fd"/*; do
+        fd=${fd##*/}
+        if [ "$fd" -gt 2 ]; then eval "exec $fd>&-" 2>/dev/null || true; fi
+    done
 }
+# run "$@" (a command that leaves a daemon behind, and returns) with those descriptors closed
+without_extra_fds() { (close_extra_fds; "$@"); }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
@@ -413,8 +412,12 @@ pg_status() {
     pg_installed || { echo "postgres: not installed"; return 0; }
     if pg_running; then
         state="running on 127.0.0.1:$PG_PORT"
-        ver=$(pg_super -Atc 'SHOW server_version' 2>/dev/null || true)
-        ver="$ver, wal_level=$(pg_super -Atc 'SHOW wal_level' 2>/dev/null || true)"
+        if ver=$(pg_super -Atc 'SHOW server_version' 2>/dev/null); then
+            ver="$ver, wal_level=$(pg_super -Atc 'SHOW wal_level' 2>/dev/null || true)"
+        else
+            state="running but not answering"
+            ver=$(dpkg-query -W -f='${Version}' "postgresql-$PG_VERSION" 2>/dev/null || true)
+        fi
     else
         ver=$(dpkg-query -W -f='${Version}' "postgresql-$PG_VERSION" 2>/dev/null || true)
     fi
@@ -474,7 +477,7 @@ kafka_pid() {
     local pid
     if [ -f "$KAFKA_PID" ]; then
         pid=$(cat "$KAFKA_PID")
-        if [ -n "$pid" ] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null \
+        if [ -n "$pid" ] && tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" \
             | grep -qF "kafka.Kafka $KAFKA_CONF"; then
             printf '%s\n' "$pid"
             return 0
@@ -582,11 +585,14 @@ kafka_start_server() {
     # setsid: own session, so a Ctrl-C or the end of the calling shell does not reach it.
     # The inner shell writes its own pid, then becomes the JVM (exec keeps the pid).
     # shellcheck disable=SC2016,SC2086  # $$ is for the inner shell; JAVA_OPTS is a word list
-    without_extra_fds nohup setsid bash -c 'echo $$ >"$0"; exec "$@"' "$KAFKA_PID" \
-        java -Xms"$KAFKA_HEAP" -Xmx"$KAFKA_HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
-        -Djava.awt.headless=true -Dlog4j2.configurationFile="$KAFKA_LOG4J" \
-        ${OUTBOX_CDC_KAFKA_JAVA_OPTS:-} \
-        -cp "$KAFKA_LIB/*" kafka.Kafka "$KAFKA_CONF" >>"$KAFKA_LOG" 2>&1 </dev/null &
+    (
+        close_extra_fds
+        exec nohup setsid bash -c 'echo $$ >"$0"; exec "$@"' "$KAFKA_PID" \
+            java -Xms"$KAFKA_HEAP" -Xmx"$KAFKA_HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+            -Djava.awt.headless=true -Dlog4j2.configurationFile="$KAFKA_LOG4J" \
+            ${OUTBOX_CDC_KAFKA_JAVA_OPTS:-} \
+            -cp "$KAFKA_LIB/*" kafka.Kafka "$KAFKA_CONF"
+    ) >>"$KAFKA_LOG" 2>&1 </dev/null &
     local deadline=$((SECONDS + 10))
     until [ -s "$KAFKA_PID" ] && pid=$(cat "$KAFKA_PID") && [ -n "$pid" ]; do
         [ "$SECONDS" -lt "$deadline" ] || die "kafka: broker did not start (log: $KAFKA_LOG)"
@@ -901,10 +907,21 @@ usage() {
     exit 2
 }
 
+# One command at a time (e.g. a test restarting postgres while another shell runs `up`). The lock
+# descriptor is closed for daemons by without_extra_fds, so they never hold it.
+take_lock() {
+    mkdir -p "$CACHE_DIR"
+    exec 9>"$CACHE_DIR/services.lock"
+    if command -v flock >/dev/null 2>&1 && ! flock -w 600 9; then
+        die "another scripts/services.sh held $CACHE_DIR/services.lock for 10 minutes"
+    fi
+}
+
 main() {
     [ $# -ge 1 ] || usage
     local cmd=$1
     shift
+    [ "$cmd" = status ] || take_lock
     case $cmd in
         up | down | status)
             [ $# -eq 0 ] || usage
