@@ -294,6 +294,8 @@ class LoadResult:
     committed: dict[str, Written] = field(default_factory=dict)
     rolled_back: set[str] = field(default_factory=set)  # rolled back, or did not commit
     order: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    # event id -> (number of its transaction, in the order outcomes were recorded; its size)
+    txn_of: dict[str, tuple[int, int]] = field(default_factory=dict)
     transactions: int = 0
     rollbacks: int = 0
     unknown_outcomes: int = 0  # COMMIT raised; settled by looking the ids up
@@ -507,6 +509,7 @@ class LoadGenerator:
                 for w in batch:
                     r.committed[w.id] = w
                     r.order[w.key].append(w.id)
+                    r.txn_of[w.id] = (r.transactions, len(batch))
             else:
                 r.rolled_back.update(w.id for w in batch)
                 r.rollbacks += rolled_back_on_purpose
@@ -651,6 +654,7 @@ class CheckResult:
     partitions_used: int = 0
     keys_in_several_partitions: list[str] = field(default_factory=list)
     copies_by_source: Counter[str] = field(default_factory=Counter)  # redeliveries per source
+    duplicate_ids: list[str] = field(default_factory=list)  # one entry per extra copy
 
     def summary(self) -> str:
         return (
@@ -727,6 +731,7 @@ def check(
         partitions_of_key[w.key].add(rec.partition)
         if event_id in first:
             res.duplicates += 1
+            res.duplicate_ids.append(event_id)
             res.copies_by_source[header(rec, "ce_source") or "?"] += 1
             continue
         first[event_id] = rec
