@@ -326,16 +326,24 @@ pg_ready_check() {
         fi
     done
     # wal2json loads: creating a temporary slot (dropped when the session ends) loads the output
-    # plugin. The timeout guards against open transactions, which slot creation waits for.
-    out=$(pg_tcp_query outbox "SET statement_timeout = '20s';
+    # plugin, and needs the REPLICATION attribute. Slot creation waits for the transactions open
+    # at that moment: when one stays open (another client's work), fall back to LOADing the
+    # library as the superuser, which proves it is installed without waiting.
+    out=$(pg_tcp_query outbox "SET statement_timeout = '5s';
         SELECT FROM pg_create_logical_replication_slot(
             'outbox_cdc_probe_' || pg_backend_pid(), 'wal2json', true);
         SELECT plugin FROM pg_replication_slots
         WHERE slot_name = 'outbox_cdc_probe_' || pg_backend_pid()" 2>&1 | tail -n 1) || true
-    if [ "$out" != wal2json ]; then
-        log "postgres: wal2json slot probe failed: $out"
-        return 1
+    if [ "$out" = wal2json ]; then
+        return 0
     fi
+    if [[ $out == *"statement timeout"* ]] \
+        && pg_tcp_query outbox_admin "LOAD 'wal2json'" >/dev/null 2>&1; then
+        log "postgres: slot probe waited on an open transaction; LOAD 'wal2json' worked instead"
+        return 0
+    fi
+    log "postgres: wal2json slot probe failed: $out"
+    return 1
 }
 
 pg_ready() {

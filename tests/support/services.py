@@ -662,6 +662,8 @@ def _describe_postgres(url: str, timeout: float) -> str:
                 "'outbox_cdc_header_' || pg_backend_pid(), 'wal2json', true)"
             )
             wal2json = "wal2json loads"
+        except psycopg.errors.QueryCanceled:
+            wal2json = "wal2json not checked (slot creation waited on an open transaction)"
         except psycopg.Error as exc:
             wal2json = f"wal2json NOT usable ({str(exc).strip().splitlines()[0]})"
     package = _wal2json_package_version()
