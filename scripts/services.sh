@@ -39,7 +39,8 @@ PG_PACKAGES=("postgresql-$PG_VERSION" "postgresql-$PG_VERSION-wal2json")
 PG_URL="postgresql://outbox:outbox@127.0.0.1:$PG_PORT/outbox_test"
 PG_ADMIN_URL="postgresql://outbox_admin:outbox_admin@127.0.0.1:$PG_PORT/outbox_test"
 # settings that need a server restart (the rest of the drop-in only needs a reload)
-PG_RESTART_SETTINGS=(wal_level=logical max_replication_slots=40 max_wal_senders=40)
+PG_RESTART_SETTINGS=(wal_level=logical max_replication_slots=40 max_wal_senders=40
+    listen_addresses=localhost)
 
 # --- Kafka ----------------------------------------------------------------------------------
 KAFKA_PORT=9092
