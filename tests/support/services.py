@@ -281,8 +281,7 @@ def _put_file(container: Any, path: str, content: bytes) -> None:
         info.mode = 0o644
         info.mtime = int(time.time())
         tar.addfile(info, io.BytesIO(content))
-    buf.seek(0)
-    container.get_wrapped_container().put_archive(directory or "/", buf)
+    container.get_wrapped_container().put_archive(directory or "/", buf.getvalue())
 
 
 class Containers:
