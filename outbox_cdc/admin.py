@@ -20,8 +20,13 @@ from outbox_cdc.sources.wal import create_slot
 
 def dialect_of(url: str) -> str:
     scheme = url.split(":", 1)[0].split("+", 1)[0].lower()
-    dialect = {"postgresql": "postgresql", "postgres": "postgresql", "mysql": "mysql",
-               "mariadb": "mysql", "sqlite": "sqlite"}.get(scheme)
+    dialect = {
+        "postgresql": "postgresql",
+        "postgres": "postgresql",
+        "mysql": "mysql",
+        "mariadb": "mysql",
+        "sqlite": "sqlite",
+    }.get(scheme)
     if dialect is None:
         raise ConfigurationError(
             f"database_url: unsupported scheme {scheme!r}; use postgresql://, mysql:// or sqlite:///"
@@ -48,9 +53,14 @@ def _mysql_connect(url: str) -> Any:
     import pymysql
 
     u = urlsplit(url)
-    return pymysql.connect(host=u.hostname or "127.0.0.1", port=u.port or 3306,
-                           user=unquote(u.username or ""), password=unquote(u.password or ""),
-                           database=u.path.lstrip("/"), autocommit=True)
+    return pymysql.connect(
+        host=u.hostname or "127.0.0.1",
+        port=u.port or 3306,
+        user=unquote(u.username or ""),
+        password=unquote(u.password or ""),
+        database=u.path.lstrip("/"),
+        autocommit=True,
+    )
 
 
 def _pg_dsn(url: str) -> str:
@@ -70,8 +80,9 @@ def init(url: str, table: str, slot: str | None) -> list[str]:
                 conn.execute(stmt)
             done.append(f"table {table}: {'already present' if existed else 'created'}")
             if slot:
-                row = conn.execute("SELECT plugin FROM pg_replication_slots WHERE slot_name = %s",
-                                   (slot,)).fetchone()
+                row = conn.execute(
+                    "SELECT plugin FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+                ).fetchone()
                 if row is None:
                     lsn = create_slot(conn, slot)
                     done.append(f"slot {slot}: created (wal2json) at {lsn}")
@@ -129,8 +140,11 @@ def slot_status(url: str, slot: str) -> dict[str, Any]:
         ).fetchone()
         delivered = None
         try:
-            d = conn.execute("SELECT delivered_lsn::text, updated_at::text FROM "
-                             "outbox_cdc_offsets WHERE slot_name = %s", (slot,)).fetchone()
+            d = conn.execute(
+                "SELECT delivered_lsn::text, updated_at::text FROM "
+                "outbox_cdc_offsets WHERE slot_name = %s",
+                (slot,),
+            ).fetchone()
             delivered = {"lsn": d[0], "updated_at": d[1]} if d else None
         except psycopg.errors.UndefinedTable:
             pass
@@ -149,8 +163,13 @@ def slot_status(url: str, slot: str) -> dict[str, Any]:
         "lag_bytes": row[7],
         "current_wal_lsn": row[8],
         "safe_wal_size": row[9],
-        "active_process": {"application_name": row[10], "client_addr": row[11],
-                           "backend_start": row[12]} if row[2] is not None else None,
+        "active_process": {
+            "application_name": row[10],
+            "client_addr": row[11],
+            "backend_start": row[12],
+        }
+        if row[2] is not None
+        else None,
         "recorded_delivered": delivered,
     }
 
@@ -176,46 +195,96 @@ def preflight_postgres(url: str, table: str, slot: str) -> list[Check]:
         conn = psycopg.connect(_pg_dsn(url), autocommit=True, connect_timeout=10)
     except psycopg.OperationalError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return [Check("database reachable", False, first,
-                      "check OUTBOX_CDC_DATABASE_URL (host, port, user, password) and pg_hba.conf")]
+        return [
+            Check(
+                "database reachable",
+                False,
+                first,
+                "check OUTBOX_CDC_DATABASE_URL (host, port, user, password) and pg_hba.conf",
+            )
+        ]
     with conn:
         version = conn.execute("SHOW server_version").fetchone()
-        checks.append(Check("database reachable", True, f"PostgreSQL {version[0] if version else '?'}"))
+        checks.append(
+            Check("database reachable", True, f"PostgreSQL {version[0] if version else '?'}")
+        )
         wal_level = conn.execute("SHOW wal_level").fetchone()
         ok = bool(wal_level and wal_level[0] == "logical")
-        checks.append(Check("wal_level", ok, f"wal_level = {wal_level[0] if wal_level else '?'}",
-                            "set wal_level = logical in postgresql.conf and restart PostgreSQL"))
-        role = conn.execute("SELECT rolreplication OR rolsuper FROM pg_roles "
-                            "WHERE rolname = current_user").fetchone()
+        checks.append(
+            Check(
+                "wal_level",
+                ok,
+                f"wal_level = {wal_level[0] if wal_level else '?'}",
+                "set wal_level = logical in postgresql.conf and restart PostgreSQL",
+            )
+        )
+        role = conn.execute(
+            "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user"
+        ).fetchone()
         ok = bool(role and role[0])
-        checks.append(Check("replication role", ok,
-                            "current role has REPLICATION" if ok else "current role lacks REPLICATION",
-                            "ALTER ROLE <relay role> REPLICATION;"))
+        checks.append(
+            Check(
+                "replication role",
+                ok,
+                "current role has REPLICATION" if ok else "current role lacks REPLICATION",
+                "ALTER ROLE <relay role> REPLICATION;",
+            )
+        )
         checks.append(_check_wal2json(conn, slot))
         exists = _pg_table_exists(conn, table)
-        checks.append(Check("outbox table", exists, f"{table} {'exists' if exists else 'is missing'}",
-                            "run 'outbox-cdc init' (or apply 'outbox-cdc init --print-sql')"))
-        state = conn.execute("SELECT plugin, wal_status, active_pid FROM pg_replication_slots "
-                             "WHERE slot_name = %s", (slot,)).fetchone()
+        checks.append(
+            Check(
+                "outbox table",
+                exists,
+                f"{table} {'exists' if exists else 'is missing'}",
+                "run 'outbox-cdc init' (or apply 'outbox-cdc init --print-sql')",
+            )
+        )
+        state = conn.execute(
+            "SELECT plugin, wal_status, active_pid FROM pg_replication_slots WHERE slot_name = %s",
+            (slot,),
+        ).fetchone()
         if state is None:
-            checks.append(Check("replication slot", True,
-                                f"{slot} does not exist yet; 'init' or 'start' creates it",
-                                warning=True))
+            checks.append(
+                Check(
+                    "replication slot",
+                    True,
+                    f"{slot} does not exist yet; 'init' or 'start' creates it",
+                    warning=True,
+                )
+            )
         elif state[0] != "wal2json":
-            checks.append(Check("replication slot", False, f"{slot} uses plugin {state[0]}",
-                                "drop it or choose another slot name (--slot)"))
+            checks.append(
+                Check(
+                    "replication slot",
+                    False,
+                    f"{slot} uses plugin {state[0]}",
+                    "drop it or choose another slot name (--slot)",
+                )
+            )
         elif state[1] == "lost":
-            checks.append(Check("replication slot", False, f"{slot} was invalidated (wal_status lost)",
-                                "drop and recreate the slot; see docs/operations.md"))
+            checks.append(
+                Check(
+                    "replication slot",
+                    False,
+                    f"{slot} was invalidated (wal_status lost)",
+                    "drop and recreate the slot; see docs/operations.md",
+                )
+            )
         else:
             active = f", active in PID {state[2]}" if state[2] else ""
             checks.append(Check("replication slot", True, f"{slot}: wal_status {state[1]}{active}"))
         keep = conn.execute("SHOW max_slot_wal_keep_size").fetchone()
         unlimited = bool(keep and keep[0] in ("-1", "-1kB"))
-        checks.append(Check("max_slot_wal_keep_size", True,
-                            f"max_slot_wal_keep_size = {keep[0] if keep else '?'}",
-                            "set max_slot_wal_keep_size so a stuck slot cannot fill the disk",
-                            warning=unlimited))
+        checks.append(
+            Check(
+                "max_slot_wal_keep_size",
+                True,
+                f"max_slot_wal_keep_size = {keep[0] if keep else '?'}",
+                "set max_slot_wal_keep_size so a stuck slot cannot fill the disk",
+                warning=unlimited,
+            )
+        )
     return checks
 
 
@@ -226,9 +295,13 @@ def _check_wal2json(conn: psycopg.Connection[Any], slot: str) -> Check:
         conn.execute("SELECT pg_drop_replication_slot(%s)", (probe,))
     except psycopg.Error as exc:
         first = str(exc).strip().splitlines()[0]
-        return Check("wal2json", False, first,
-                     "install wal2json (Debian/Ubuntu: apt-get install postgresql-15-wal2json) "
-                     "and check wal_level and max_replication_slots")
+        return Check(
+            "wal2json",
+            False,
+            first,
+            "install wal2json (Debian/Ubuntu: apt-get install postgresql-15-wal2json) "
+            "and check wal_level and max_replication_slots",
+        )
     return Check("wal2json", True, "wal2json output plugin loads")
 
 
@@ -237,15 +310,22 @@ def preflight_kafka(bootstrap_servers: str, client_config: dict[str, Any]) -> Ch
     from kafka.admin import KafkaAdminClient
 
     try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers.split(","),
-                                 client_id="outbox-cdc-check", request_timeout_ms=10_000,
-                                 **client_config)
+        admin = KafkaAdminClient(
+            bootstrap_servers=bootstrap_servers.split(","),
+            client_id="outbox-cdc-check",
+            request_timeout_ms=10_000,
+            **client_config,
+        )
         try:
             topics = admin.list_topics()
         finally:
             admin.close()
     except kerr.KafkaError as exc:
-        return Check("kafka reachable", False, f"{type(exc).__name__}: {exc}",
-                     f"check OUTBOX_CDC_KAFKA_BOOTSTRAP_SERVERS ({bootstrap_servers}) and the "
-                     "Kafka security settings")
+        return Check(
+            "kafka reachable",
+            False,
+            f"{type(exc).__name__}: {exc}",
+            f"check OUTBOX_CDC_KAFKA_BOOTSTRAP_SERVERS ({bootstrap_servers}) and the "
+            "Kafka security settings",
+        )
     return Check("kafka reachable", True, f"{bootstrap_servers}: {len(topics)} topics visible")

@@ -47,27 +47,54 @@ def main() -> None:
     """outbox-cdc: relay transactional outbox events from PostgreSQL to Kafka."""
 
 
-_db_url = click.option("--database-url", envvar="OUTBOX_CDC_DATABASE_URL", show_envvar=True,
-                       help="Database URL, e.g. postgresql://user:pass@host:5432/db")
-_table = click.option("--table", envvar="OUTBOX_CDC_TABLE", show_envvar=True, default=None,
-                      help="Outbox table [default: public.outbox, or outbox outside PostgreSQL]")
-_slot = click.option("--slot", envvar="OUTBOX_CDC_SLOT", show_envvar=True, default="outbox_cdc",
-                     show_default=True, help="Logical replication slot")
+_db_url = click.option(
+    "--database-url",
+    envvar="OUTBOX_CDC_DATABASE_URL",
+    show_envvar=True,
+    help="Database URL, e.g. postgresql://user:pass@host:5432/db",
+)
+_table = click.option(
+    "--table",
+    envvar="OUTBOX_CDC_TABLE",
+    show_envvar=True,
+    default=None,
+    help="Outbox table [default: public.outbox, or outbox outside PostgreSQL]",
+)
+_slot = click.option(
+    "--slot",
+    envvar="OUTBOX_CDC_SLOT",
+    show_envvar=True,
+    default="outbox_cdc",
+    show_default=True,
+    help="Logical replication slot",
+)
 
 
 @main.command()
-@click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
-              envvar="OUTBOX_CDC_CONFIG", show_envvar=True, help="TOML file with settings")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="OUTBOX_CDC_CONFIG",
+    show_envvar=True,
+    help="TOML file with settings",
+)
 @click.option("--database-url", help="PostgreSQL URL [env OUTBOX_CDC_DATABASE_URL]")
-@click.option("--kafka-bootstrap-servers",
-              help="host:port[,host:port] [env OUTBOX_CDC_KAFKA_BOOTSTRAP_SERVERS]")
+@click.option(
+    "--kafka-bootstrap-servers",
+    help="host:port[,host:port] [env OUTBOX_CDC_KAFKA_BOOTSTRAP_SERVERS]",
+)
 @click.option("--table", help="Outbox table, schema-qualified [default: public.outbox]")
 @click.option("--slot", help="Replication slot [default: outbox_cdc]")
-@click.option("--create-slot/--no-create-slot", default=None,
-              help="Create the slot when missing [default: create]")
+@click.option(
+    "--create-slot/--no-create-slot",
+    default=None,
+    help="Create the slot when missing [default: create]",
+)
 @click.option("--dead-letter-topic", help="Route records Kafka refuses for good to this topic")
-@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"],
-                                               case_sensitive=False))
+@click.option(
+    "--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)
+)
 def start(config_file: Path | None, **flags: Any) -> None:
     """Stream the outbox from the WAL to Kafka until SIGTERM/SIGINT.
 
@@ -108,8 +135,13 @@ def start(config_file: Path | None, **flags: Any) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    log.info("outbox-cdc %s: relaying %s (slot %s) to Kafka %s", __version__, settings.table,
-             settings.slot, settings.kafka_bootstrap_servers)
+    log.info(
+        "outbox-cdc %s: relaying %s (slot %s) to Kafka %s",
+        __version__,
+        settings.table,
+        settings.slot,
+        settings.kafka_bootstrap_servers,
+    )
     try:
         relay.run()
     except ConfigurationError as exc:
@@ -126,10 +158,19 @@ def start(config_file: Path | None, **flags: Any) -> None:
 @_slot
 @click.option("--no-slot", is_flag=True, help="Do not create the replication slot")
 @click.option("--print-sql", is_flag=True, help="Print the DDL instead of running it")
-@click.option("--dialect", type=click.Choice(["postgresql", "mysql", "sqlite"]),
-              help="With --print-sql and no URL: which database")
-def init(database_url: str | None, table: str | None, slot: str, no_slot: bool,
-         print_sql: bool, dialect: str | None) -> None:
+@click.option(
+    "--dialect",
+    type=click.Choice(["postgresql", "mysql", "sqlite"]),
+    help="With --print-sql and no URL: which database",
+)
+def init(
+    database_url: str | None,
+    table: str | None,
+    slot: str,
+    no_slot: bool,
+    print_sql: bool,
+    dialect: str | None,
+) -> None:
     """Create the outbox table and (PostgreSQL) the replication slot, if missing."""
     from outbox_cdc.admin import dialect_of, init_sql
     from outbox_cdc.admin import init as do_init
@@ -137,8 +178,10 @@ def init(database_url: str | None, table: str | None, slot: str, no_slot: bool,
     try:
         if dialect is None:
             if not database_url:
-                raise ConfigurationError("database_url (--database-url / OUTBOX_CDC_DATABASE_URL): "
-                                         "is required (or give --dialect with --print-sql)")
+                raise ConfigurationError(
+                    "database_url (--database-url / OUTBOX_CDC_DATABASE_URL): "
+                    "is required (or give --dialect with --print-sql)"
+                )
             dialect = dialect_of(database_url)
         if table is None:
             table = "public.outbox" if dialect == "postgresql" else "outbox"
@@ -168,8 +211,12 @@ def status(database_url: str | None, slot: str, as_json: bool) -> None:
     from outbox_cdc.admin import slot_status
 
     if not database_url:
-        _fail(ConfigurationError("database_url (--database-url / OUTBOX_CDC_DATABASE_URL): is "
-                                 "required"), EXIT_CONFIG)
+        _fail(
+            ConfigurationError(
+                "database_url (--database-url / OUTBOX_CDC_DATABASE_URL): is required"
+            ),
+            EXIT_CONFIG,
+        )
         return
     try:
         info = slot_status(database_url, slot)
@@ -185,8 +232,13 @@ def status(database_url: str | None, slot: str, as_json: bool) -> None:
     proc = info["active_process"]
     rows = [
         ("slot", f"{slot} ({info['plugin']}, wal_status {info['wal_status']})"),
-        ("active", f"yes, PID {info['active_pid']} ({proc['application_name']}, "
-                   f"since {proc['backend_start']})" if proc else "no (no relay streaming)"),
+        (
+            "active",
+            f"yes, PID {info['active_pid']} ({proc['application_name']}, "
+            f"since {proc['backend_start']})"
+            if proc
+            else "no (no relay streaming)",
+        ),
         ("confirmed LSN", info["confirmed_flush_lsn"]),
         ("current WAL LSN", info["current_wal_lsn"]),
         ("lag", f"{info['lag_bytes']} bytes"),
@@ -201,18 +253,30 @@ def status(database_url: str | None, slot: str, as_json: bool) -> None:
 @_db_url
 @_table
 @_slot
-@click.option("--kafka-bootstrap-servers", envvar="OUTBOX_CDC_KAFKA_BOOTSTRAP_SERVERS",
-              show_envvar=True, help="Kafka to check (skipped when not given)")
+@click.option(
+    "--kafka-bootstrap-servers",
+    envvar="OUTBOX_CDC_KAFKA_BOOTSTRAP_SERVERS",
+    show_envvar=True,
+    help="Kafka to check (skipped when not given)",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON")
-def check(database_url: str | None, table: str | None, slot: str,
-          kafka_bootstrap_servers: str | None, as_json: bool) -> None:
+def check(
+    database_url: str | None,
+    table: str | None,
+    slot: str,
+    kafka_bootstrap_servers: str | None,
+    as_json: bool,
+) -> None:
     """Preflight: wal_level, wal2json, role, table, slot, Kafka. Each failure with its fix."""
     from outbox_cdc.admin import Check, preflight_kafka, preflight_postgres
 
     checks: list[Check] = []
     if not database_url:
-        checks.append(Check("database url", False, "not given",
-                            "set OUTBOX_CDC_DATABASE_URL or --database-url"))
+        checks.append(
+            Check(
+                "database url", False, "not given", "set OUTBOX_CDC_DATABASE_URL or --database-url"
+            )
+        )
     else:
         checks.extend(preflight_postgres(database_url, table or "public.outbox", slot))
     if kafka_bootstrap_servers:

@@ -45,8 +45,11 @@ class EventDecodeError(OutboxError):
     """
 
     def __init__(self, message: str, *, event_id: str | None = None, lsn: str | None = None):
-        where = ", ".join(p for p in (f"event {event_id}" if event_id else "",
-                                       f"commit LSN {lsn}" if lsn else "") if p)
+        where = ", ".join(
+            p
+            for p in (f"event {event_id}" if event_id else "", f"commit LSN {lsn}" if lsn else "")
+            if p
+        )
         super().__init__(f"{message} ({where})" if where else message)
         self.event_id = event_id
         self.lsn = lsn
@@ -86,8 +89,11 @@ class PermanentDeliveryError(SinkError):
     retriable = False
 
     def __init__(self, message: str, *, event_id: str | None = None, topic: str | None = None):
-        detail = ", ".join(p for p in (f"event {event_id}" if event_id else "",
-                                        f"topic {topic!r}" if topic else "") if p)
+        detail = ", ".join(
+            p
+            for p in (f"event {event_id}" if event_id else "", f"topic {topic!r}" if topic else "")
+            if p
+        )
         super().__init__(f"{message} ({detail})" if detail else message)
         self.event_id = event_id
         self.topic = topic

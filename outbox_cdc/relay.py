@@ -133,13 +133,15 @@ class Relay:
         self._wake()
 
     def _wake(self) -> None:
-        try:
+        # Runs once per acknowledgment: a plain try is cheaper than contextlib.suppress.
+        try:  # noqa: SIM105
             self._wake_w.send(b"\0")
         except (BlockingIOError, OSError):
             pass  # already awake (buffer full) or closed
 
-    def _set_state(self, state: str, message: str, *args: object, level: int = logging.INFO
-                   ) -> None:
+    def _set_state(
+        self, state: str, message: str, *args: object, level: int = logging.INFO
+    ) -> None:
         """One log line per state change: a retry loop never floods the log."""
         if state != self._state:
             log.log(level, message, *args)
@@ -165,15 +167,24 @@ class Relay:
                     self.observer.error(type(exc).__name__)
                     delay = backoff.next()
                     if isinstance(exc, SinkError):
-                        what = ("%s; nothing past %s is confirmed, the slot keeps the events; "
-                                "retrying with backoff (at most %.0fs)")
+                        what = (
+                            "%s; nothing past %s is confirmed, the slot keeps the events; "
+                            "retrying with backoff (at most %.0fs)"
+                        )
                     else:
                         self._salvage()
-                        what = ("PostgreSQL: %s; delivered up to %s; reconnecting with backoff "
-                                "(at most %.0fs)")
-                    self._set_state(f"failing:{type(exc).__name__}", what, exc,
-                                    format_lsn(max(self.tracker.confirmed, self.delivered)),
-                                    self.options.backoff_max, level=logging.ERROR)
+                        what = (
+                            "PostgreSQL: %s; delivered up to %s; reconnecting with backoff "
+                            "(at most %.0fs)"
+                        )
+                    self._set_state(
+                        f"failing:{type(exc).__name__}",
+                        what,
+                        exc,
+                        format_lsn(max(self.tracker.confirmed, self.delivered)),
+                        self.options.backoff_max,
+                        level=logging.ERROR,
+                    )
                     self._abandon(keep_sink=isinstance(exc, SourceError) and self.sink is not None)
                     self._sleep(delay)
         finally:
@@ -213,8 +224,10 @@ class Relay:
             tracker.in_transaction and time.monotonic() < self._stop_deadline
         ):
             self._drain_completions()
-            full = (tracker.in_flight >= opts.max_in_flight_events
-                    or self._in_flight_bytes >= opts.max_in_flight_bytes)
+            full = (
+                tracker.in_flight >= opts.max_in_flight_events
+                or self._in_flight_bytes >= opts.max_in_flight_bytes
+            )
             if full:
                 # Backpressure: stop reading, keep the server connection alive.
                 source.tick()
@@ -285,8 +298,9 @@ class Relay:
         if isinstance(exc, PermanentDeliveryError):
             self.observer.error("rejected")
             if self.options.dead_letter_topic and c.record.topic != self.options.dead_letter_topic:
-                log.error("%s; sending it to dead-letter topic %s", exc,
-                          self.options.dead_letter_topic)
+                log.error(
+                    "%s; sending it to dead-letter topic %s", exc, self.options.dead_letter_topic
+                )
                 self._send_dead_letter(c, str(exc))
                 return
             self._unackable += 1
@@ -307,8 +321,11 @@ class Relay:
             topic=topic,
             key=rec.key,
             value=rec.value,
-            headers=[*rec.headers, ("outbox_cdc_error", reason.encode()),
-                     ("outbox_cdc_original_topic", rec.topic.encode())],
+            headers=[
+                *rec.headers,
+                ("outbox_cdc_error", reason.encode()),
+                ("outbox_cdc_original_topic", rec.topic.encode()),
+            ],
             event_id=rec.event_id,
         )
         self._send(_Completion(c.generation, c.txn, dlq, c.nbytes))
@@ -340,9 +357,13 @@ class Relay:
             )
         log.error("%s; sending it to dead-letter topic %s", err, topic)
         self.observer.error("undecodable")
-        rec = KafkaRecord(topic=topic, key=None, value=str(err).encode(),
-                          headers=[("outbox_cdc_error", str(err).encode())],
-                          event_id=err.event_id or "")
+        rec = KafkaRecord(
+            topic=topic,
+            key=None,
+            value=str(err).encode(),
+            headers=[("outbox_cdc_error", str(err).encode())],
+            event_id=err.event_id or "",
+        )
         c = _Completion(generation, txn, rec, 64)
         self._in_flight_bytes += c.nbytes
         self._send(c)
@@ -382,16 +403,21 @@ class Relay:
         deadline = self._stop_deadline or time.monotonic() + self.options.shutdown_timeout
         try:
             if self.sink is not None and self.tracker.in_flight > self._unackable:
-                log.info("stopping: waiting up to %.0fs for %d events in flight",
-                         self.options.shutdown_timeout, self.tracker.in_flight)
-                while (self.tracker.in_flight > self._unackable
-                       and time.monotonic() < deadline):
+                log.info(
+                    "stopping: waiting up to %.0fs for %d events in flight",
+                    self.options.shutdown_timeout,
+                    self.tracker.in_flight,
+                )
+                while self.tracker.in_flight > self._unackable and time.monotonic() < deadline:
                     self.sink.flush(max(0.1, min(1.0, deadline - time.monotonic())))
                     self._drain_completions()
                     self.source.confirm(self.tracker.confirmed, self.tracker.delivered)
                 if self.tracker.in_flight > self._unackable:
-                    log.warning("stopping with %d events unacknowledged: they will be "
-                                "delivered again after restart", self.tracker.in_flight)
+                    log.warning(
+                        "stopping with %d events unacknowledged: they will be "
+                        "delivered again after restart",
+                        self.tracker.in_flight,
+                    )
         except OutboxError as exc:
             log.warning("stopping: could not deliver the events in flight: %s", exc)
         finally:

@@ -59,8 +59,9 @@ class Settings(BaseSettings):
         "outbox-cdc",
         description="prefix of table-less events (pg_logical_emit_message); empty to disable",
     )
-    status_interval: float = Field(10.0, gt=0, le=300,
-                                   description="seconds between status updates when idle")
+    status_interval: float = Field(
+        10.0, gt=0, le=300, description="seconds between status updates when idle"
+    )
 
     # -- kafka -----------------------------------------------------------------------------------
     kafka_bootstrap_servers: str = Field(description="host:port[,host:port...] of Kafka")
@@ -76,9 +77,7 @@ class Settings(BaseSettings):
     kafka_create_topics: bool = True
     kafka_topic_partitions: int = Field(1, ge=1)
     kafka_topic_replication_factor: int = Field(1, ge=1)
-    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
-        "PLAINTEXT"
-    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None

@@ -21,7 +21,9 @@ def parse_lsn(text: str) -> Lsn:
     try:
         return Lsn((int(hi, 16) << 32) | int(lo, 16))
     except ValueError:
-        raise ValueError(f"invalid LSN {text!r}: expected two hex numbers like '0/16B3748'") from None
+        raise ValueError(
+            f"invalid LSN {text!r}: expected two hex numbers like '0/16B3748'"
+        ) from None
 
 
 def format_lsn(lsn: int) -> str:

@@ -95,8 +95,11 @@ class AckTracker:
 
     def idle(self, position: int) -> None:
         """The source says nothing unsent precedes ``position`` (keepalive walEnd)."""
-        if not self._in_txn and not self._queue and self._open is None and (
-            position > self.confirmed
+        if (
+            not self._in_txn
+            and not self._queue
+            and self._open is None
+            and (position > self.confirmed)
         ):
             self.confirmed = position
 

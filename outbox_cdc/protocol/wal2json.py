@@ -29,6 +29,7 @@ IGNORED: Final = 3
 _B_PREFIX: Final = b'{"action":"B"'
 _C_PREFIX: Final = b'{"action":"C"'
 
+
 # What the relay asks wal2json for; START_REPLICATION options (wal2json README, "Parameters").
 def plugin_options(table: str, message_prefix: str | None) -> dict[str, str]:
     """wal2json options for the outbox table (schema-qualified) and, if set, the message prefix.
@@ -67,8 +68,9 @@ def row_to_event(values: Mapping[str, Any]) -> OutboxEvent:
     if headers_raw is None:
         headers: tuple[tuple[str, bytes], ...] = ()
     else:
-        headers = headers_from_obj(json.loads(headers_raw) if isinstance(headers_raw, str)
-                                   else headers_raw)
+        headers = headers_from_obj(
+            json.loads(headers_raw) if isinstance(headers_raw, str) else headers_raw
+        )
     payload_hex = values["payload"]
     if payload_hex is None:
         raise ValueError("payload is NULL")
@@ -101,9 +103,7 @@ class Wal2JsonDecoder:
     def __init__(self, message_prefix: str | None = None) -> None:
         self.message_prefix = message_prefix
 
-    def decode(
-        self, payload: bytes | memoryview, lsn: int
-    ) -> int | OutboxEvent | EventDecodeError:
+    def decode(self, payload: bytes | memoryview, lsn: int) -> int | OutboxEvent | EventDecodeError:
         head = bytes(payload[:13])
         if head == _B_PREFIX:
             return BEGIN

@@ -61,8 +61,9 @@ def classify(exc: BaseException, record: KafkaRecord | None = None) -> SinkError
     topic = record.topic if record else None
     name = type(exc).__name__
     if isinstance(exc, _PERMANENT):
-        return PermanentDeliveryError(f"Kafka refused the record: {name}: {exc}",
-                                      event_id=event_id, topic=topic)
+        return PermanentDeliveryError(
+            f"Kafka refused the record: {name}: {exc}", event_id=event_id, topic=topic
+        )
     return SinkError(f"Kafka delivery failed: {name}: {exc}")
 
 
@@ -99,9 +100,7 @@ class KafkaSink:
         try:
             self._producer = kafka.KafkaProducer(**config)
         except kerr.NoBrokersAvailable:
-            raise SinkError(
-                f"no Kafka broker answered at {options.bootstrap_servers}"
-            ) from None
+            raise SinkError(f"no Kafka broker answered at {options.bootstrap_servers}") from None
         except kerr.KafkaConfigurationError as exc:
             raise ConfigurationError(f"kafka settings: {exc}") from None
         except kerr.KafkaError as exc:
@@ -124,14 +123,21 @@ class KafkaSink:
                             topic=topic,
                         )
                     try:
-                        admin.create_topics([NewTopic(
+                        admin.create_topics(
+                            [
+                                NewTopic(
+                                    topic,
+                                    num_partitions=self.options.topic_partitions,
+                                    replication_factor=self.options.topic_replication_factor,
+                                )
+                            ]
+                        )
+                        log.info(
+                            "created Kafka topic %s (%d partitions, replication %d)",
                             topic,
-                            num_partitions=self.options.topic_partitions,
-                            replication_factor=self.options.topic_replication_factor,
-                        )])
-                        log.info("created Kafka topic %s (%d partitions, replication %d)",
-                                 topic, self.options.topic_partitions,
-                                 self.options.topic_replication_factor)
+                            self.options.topic_partitions,
+                            self.options.topic_replication_factor,
+                        )
                     except kerr.TopicAlreadyExistsError:
                         pass
             except kerr.KafkaError as exc:
@@ -146,11 +152,16 @@ class KafkaSink:
                 bootstrap_servers=self.options.bootstrap_servers.split(","),
                 client_id=f"{self.options.client_id}-admin",
                 request_timeout_ms=self.options.request_timeout_ms,
-                **{k: v for k, v in self._client_config.items()
-                   if k.startswith(("security_", "sasl_", "ssl_"))},
+                **{
+                    k: v
+                    for k, v in self._client_config.items()
+                    if k.startswith(("security_", "sasl_", "ssl_"))
+                },
             )
         except kerr.NoBrokersAvailable:
-            raise SinkError(f"no Kafka broker answered at {self.options.bootstrap_servers}") from None
+            raise SinkError(
+                f"no Kafka broker answered at {self.options.bootstrap_servers}"
+            ) from None
 
     # -- Sink -----------------------------------------------------------------------------------
 

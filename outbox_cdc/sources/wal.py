@@ -10,6 +10,7 @@ slot.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import select
@@ -170,13 +171,12 @@ class WalSource:
             raise SourceError(f"PostgreSQL: {_describe(exc)}") from None
         start = max(resume_from, stored, confirmed)
         opts = ", ".join(
-            f'"{k}" \'{v}\''
-            for k, v in wal2json.plugin_options(self.options.qualified_table,
-                                                self.options.message_prefix).items()
+            f"\"{k}\" '{v}'"
+            for k, v in wal2json.plugin_options(
+                self.options.qualified_table, self.options.message_prefix
+            ).items()
         )
-        query = (
-            f'START_REPLICATION SLOT "{self.options.slot}" LOGICAL {format_lsn(start)} ({opts})'
-        )
+        query = f'START_REPLICATION SLOT "{self.options.slot}" LOGICAL {format_lsn(start)} ({opts})'
         try:
             self._repl.execute(query.encode())
         except pgerr.ObjectInUse:
@@ -200,7 +200,10 @@ class WalSource:
         self.started_at_lsn = start
         log.info(
             "streaming slot %s from %s (slot confirmed %s, recorded delivered %s)",
-            self.options.slot, format_lsn(start), format_lsn(confirmed), format_lsn(stored),
+            self.options.slot,
+            format_lsn(start),
+            format_lsn(confirmed),
+            format_lsn(stored),
         )
         return start
 
@@ -256,8 +259,9 @@ class WalSource:
                 self.tick()  # replies, throttled confirmations, periodic status
                 wait = remaining
                 if self._flushed != self._sent_flushed:  # a confirmation is waiting its turn
-                    wait = min(wait, max(0.0, self._last_status + self.options.confirm_interval
-                                         - now))
+                    wait = min(
+                        wait, max(0.0, self._last_status + self.options.confirm_interval - now)
+                    )
                 ready, _, _ = select.select([self._sock, wake_fd], [], [], wait)
                 if self._sock in ready:
                     pgconn.consume_input()
@@ -272,7 +276,7 @@ class WalSource:
         try:
             res = self._pgconn.get_result()
             msg = res.error_message.decode(errors="replace").strip() if res is not None else ""
-        except Exception:  # noqa: BLE001 - only used to describe the failure
+        except Exception:
             msg = ""
         return f"the server ended the replication stream{': ' + msg if msg else ''}"
 
@@ -292,9 +296,13 @@ class WalSource:
         if self._pgconn is None:
             return
         now = time.monotonic()
-        if self._reply_requested or now - self._last_status >= self.options.status_interval or (
-            self._flushed != self._sent_flushed
-            and now - self._last_status >= self.options.confirm_interval
+        if (
+            self._reply_requested
+            or now - self._last_status >= self.options.status_interval
+            or (
+                self._flushed != self._sent_flushed
+                and now - self._last_status >= self.options.confirm_interval
+            )
         ):
             self._send_status(force=True)
         if (
@@ -337,17 +345,15 @@ class WalSource:
 
     def close(self) -> None:
         if self._pgconn is not None:
-            try:
+            with contextlib.suppress(SourceError):
                 self._send_status(force=True)
-            except SourceError:
-                pass
         if self._delivered > self._saved_offset:
             self._save_offset()
         for conn in (self._repl, self._ctl):
             if conn is not None:
                 try:
                     conn.close()
-                except Exception:  # noqa: BLE001 - closing a broken connection
+                except Exception:
                     log.debug("closing a PostgreSQL connection failed", exc_info=True)
         self._repl = self._ctl = self._pgconn = None
         self._sock = -1
@@ -401,13 +407,14 @@ def save_offset(conn: psycopg.Connection[Any], slot: str, lsn: int) -> None:
             (slot, format_lsn(lsn)),
         )
     except pgerr.UndefinedTable:
-        log.warning("table %s is missing (run 'outbox-cdc init'): restarts may redeliver "
-                    "recently delivered events", OFFSETS_TABLE)
+        log.warning(
+            "table %s is missing (run 'outbox-cdc init'): restarts may redeliver "
+            "recently delivered events",
+            OFFSETS_TABLE,
+        )
         raise
 
 
 def delete_offset(conn: psycopg.Connection[Any], slot: str) -> None:
-    try:
+    with contextlib.suppress(pgerr.UndefinedTable):
         conn.execute(f"DELETE FROM {OFFSETS_TABLE} WHERE slot_name = %s", (slot,))
-    except pgerr.UndefinedTable:
-        pass

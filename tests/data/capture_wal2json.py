@@ -37,34 +37,59 @@ def main(url: str) -> None:
     msg_outbox = Outbox(mode="message", message_prefix="outbox-cdc")
     with psycopg.connect(url) as app:
         # 1: one event, JSON payload, key, headers
-        table_outbox.publish(app, topic="orders", type="order.created", payload={"n": 1},
-                             key="order-1", headers={"tenant": "acme"},
-                             id="00000000-0000-4000-8000-000000000001")
+        table_outbox.publish(
+            app,
+            topic="orders",
+            type="order.created",
+            payload={"n": 1},
+            key="order-1",
+            headers={"tenant": "acme"},
+            id="00000000-0000-4000-8000-000000000001",
+        )
         app.commit()
         # 2: a transaction that touches only another table (empty for us)
         app.execute("INSERT INTO capture_other VALUES (1)")
         app.commit()
         # 3: two events in one transaction, binary payload with NUL, no key, bytes header
-        table_outbox.publish_many(app, [
-            {"topic": "orders", "type": "bin", "payload": b"\x00\x01\xff",
-             "id": "00000000-0000-4000-8000-000000000002"},
-            {"topic": "orders", "type": "text", "payload": "h\u00e9llo", "key": "k\u00e9y",
-             "headers": {"raw": b"\xff\x00"}, "id": "00000000-0000-4000-8000-000000000003"},
-        ])
+        table_outbox.publish_many(
+            app,
+            [
+                {
+                    "topic": "orders",
+                    "type": "bin",
+                    "payload": b"\x00\x01\xff",
+                    "id": "00000000-0000-4000-8000-000000000002",
+                },
+                {
+                    "topic": "orders",
+                    "type": "text",
+                    "payload": "h\u00e9llo",
+                    "key": "k\u00e9y",
+                    "headers": {"raw": b"\xff\x00"},
+                    "id": "00000000-0000-4000-8000-000000000003",
+                },
+            ],
+        )
         app.commit()
         # 4: rolled back: must not appear
         table_outbox.publish(app, topic="orders", type="rolled.back", payload=b"x")
         app.rollback()
         # 5: table-less mode (transactional message)
-        msg_outbox.publish(app, topic="payments", type="payment.done", payload=b"\x00bin",
-                           key="p-1", id="00000000-0000-4000-8000-000000000004")
+        msg_outbox.publish(
+            app,
+            topic="payments",
+            type="payment.done",
+            payload=b"\x00bin",
+            key="p-1",
+            id="00000000-0000-4000-8000-000000000004",
+        )
         app.commit()
         # 6: a non-transactional message with our prefix: must be ignored
         app.execute("SELECT pg_logical_emit_message(false, 'outbox-cdc', 'not transactional')")
         app.commit()
 
     repl = psycopg.connect(url, autocommit=True, replication="database")
-    opts = ", ".join(f'"{k}" \'{v}\'' for k, v in plugin_options(TABLE, "outbox-cdc").items())
+    opts = ", ".join(f"\"{k}\" '{v}'" for k, v in plugin_options(TABLE, "outbox-cdc").items())
     repl.execute(f'START_REPLICATION SLOT "{SLOT}" LOGICAL 0/0 ({opts})'.encode())
     pg = repl.pgconn
     frames: list[dict[str, str]] = []

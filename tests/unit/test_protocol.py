@@ -26,7 +26,9 @@ from outbox_cdc.protocol.replication import (
 
 FRAMES = [
     bytes.fromhex(f["hex"])
-    for f in json.loads((Path(__file__).parents[1] / "data" / "wal2json_v2_frames.json").read_text())
+    for f in json.loads(
+        (Path(__file__).parents[1] / "data" / "wal2json_v2_frames.json").read_text()
+    )
 ]
 
 
@@ -42,8 +44,12 @@ def decoded() -> list[tuple[int, object]]:
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("0/0", 0), ("0/16B3748", 0x16B3748), ("16/B374D848", 0x16B374D848),
-     ("FFFFFFFF/FFFFFFFF", 2**64 - 1)],
+    [
+        ("0/0", 0),
+        ("0/16B3748", 0x16B3748),
+        ("16/B374D848", 0x16B374D848),
+        ("FFFFFFFF/FFFFFFFF", 2**64 - 1),
+    ],
 )
 def test_lsn_round_trip(text: str, value: int) -> None:
     assert parse_lsn(text) == value
@@ -99,8 +105,21 @@ def test_decoder_yields_transactions_in_stream_order() -> None:
             kinds.append(repr(item))
     # one event; an empty transaction (other table); two events; (rolled back: nothing);
     # a table-less message; a non-transactional message (ignored, outside B/C)
-    assert kinds == ["B", "order.created", "C", "B", "C", "B", "bin", "text", "C",
-                     "B", "payment.done", "C", "-"]
+    assert kinds == [
+        "B",
+        "order.created",
+        "C",
+        "B",
+        "C",
+        "B",
+        "bin",
+        "text",
+        "C",
+        "B",
+        "payment.done",
+        "C",
+        "-",
+    ]
 
 
 def test_decoded_events_carry_every_field() -> None:
@@ -150,8 +169,9 @@ def _insert_frame(**overrides: object) -> bytes:
         ({"payload": "zz"}, "hex"),
     ],
 )
-def test_bad_rows_become_decode_errors_naming_the_event(overrides: dict[str, object],
-                                                        why: str) -> None:
+def test_bad_rows_become_decode_errors_naming_the_event(
+    overrides: dict[str, object], why: str
+) -> None:
     item = wal2json.Wal2JsonDecoder().decode(_insert_frame(**overrides), 0x10)
     assert isinstance(item, EventDecodeError)
     assert item.event_id == "00000000-0000-4000-8000-000000000001"

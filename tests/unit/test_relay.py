@@ -24,9 +24,15 @@ from outbox_cdc.sources.base import BEGIN, Commit, Item
 
 
 def event(n: int, key: str = "k") -> OutboxEvent:
-    return OutboxEvent(id=uuid.UUID(int=n), created_at=datetime(2026, 1, 1, tzinfo=timezone.utc),
-                       topic="t", type="x", payload=str(n).encode(), content_type="text/plain",
-                       key=key)
+    return OutboxEvent(
+        id=uuid.UUID(int=n),
+        created_at=datetime(2026, 1, 1, tzinfo=timezone.utc),
+        topic="t",
+        type="x",
+        payload=str(n).encode(),
+        content_type="text/plain",
+        key=key,
+    )
 
 
 def txn(end: int, *ns: int) -> list[Item]:
@@ -68,11 +74,16 @@ class FakeSource:
         if self.fail_read_at is not None and self.cursor >= self.fail_read_at:
             self.fail_read_at = None
             raise SourceError("connection lost")
-        out = self.items[self.cursor:self.cursor + 3]
+        out = self.items[self.cursor : self.cursor + 3]
         self.cursor += len(out)
-        if not out and self.stop_when_drained and self.relay is not None:
-            if self.relay.tracker.in_flight == 0:
-                self.relay.stop()
+        relay = self.relay
+        if (
+            not out
+            and self.stop_when_drained
+            and relay is not None
+            and relay.tracker.in_flight == 0
+        ):
+            relay.stop()
         return out
 
     def idle_position(self) -> int | None:
@@ -91,9 +102,11 @@ class FakeSource:
 
 
 def run(source: FakeSource, sink_factory: object, **opts: object) -> Relay:
-    relay = Relay(source, sink_factory,  # type: ignore[arg-type]
-                  RelayOptions(backoff_initial=0.01, backoff_max=0.02,
-                               standby_poll_interval=0.01, **opts))  # type: ignore[arg-type]
+    relay = Relay(
+        source,
+        sink_factory,  # type: ignore[arg-type]
+        RelayOptions(backoff_initial=0.01, backoff_max=0.02, standby_poll_interval=0.01, **opts),
+    )  # type: ignore[arg-type]
     source.relay = relay
     t = threading.Thread(target=relay.run, daemon=True)
     t.start()
@@ -204,7 +217,7 @@ def test_permanent_rejection_goes_to_the_dead_letter_topic() -> None:
 def test_undecodable_row_stops_the_relay_before_its_commit_is_confirmed() -> None:
     sink = MemorySink()
     bad = EventDecodeError("headers must be a JSON object", event_id="e-1", lsn="0/14")
-    source = FakeSource(txn(10, 1) + [BEGIN, bad, Commit(20)] + txn(30, 3))
+    source = FakeSource([*txn(10, 1), BEGIN, bad, Commit(20), *txn(30, 3)])
     source.stop_when_drained = False
     with pytest.raises(PoisonEventError, match="e-1"):
         Relay(source, lambda: sink, RelayOptions()).run()

@@ -44,7 +44,11 @@ def test_flags_override_environment_which_overrides_the_file(
 @pytest.mark.parametrize(
     ("var", "value", "expected"),
     [
-        ("OUTBOX_CDC_KAFKA_LINGER_MS", "abc", "kafka_linger_ms (--kafka-linger-ms / OUTBOX_CDC_KAFKA_LINGER_MS)"),
+        (
+            "OUTBOX_CDC_KAFKA_LINGER_MS",
+            "abc",
+            "kafka_linger_ms (--kafka-linger-ms / OUTBOX_CDC_KAFKA_LINGER_MS)",
+        ),
         ("OUTBOX_CDC_KAFKA_MAX_IN_FLIGHT_REQUESTS", "9", "kafka_max_in_flight_requests"),
         ("OUTBOX_CDC_DATABASE_URL", "mysql://u:s3cr3t-pw@h/db", "database_url"),
     ],
@@ -61,15 +65,16 @@ def test_invalid_settings_name_the_setting_and_hide_the_value(
 
 def test_missing_required_settings_are_listed(env: pytest.MonkeyPatch) -> None:
     env.delenv("OUTBOX_CDC_KAFKA_BOOTSTRAP_SERVERS")
-    with pytest.raises(ConfigurationError, match="kafka_bootstrap_servers .* is required"):
+    with pytest.raises(ConfigurationError, match=r"kafka_bootstrap_servers .* is required"):
         load_settings(None)
 
 
-def test_unknown_keys_in_the_config_file_are_errors(env: pytest.MonkeyPatch,
-                                                     tmp_path: Path) -> None:
+def test_unknown_keys_in_the_config_file_are_errors(
+    env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     config = tmp_path / "relay.toml"
     config.write_text("kafka_lingr_ms = 5\n")
-    with pytest.raises(ConfigurationError, match="kafka_lingr_ms.*not a known setting"):
+    with pytest.raises(ConfigurationError, match=r"kafka_lingr_ms.*not a known setting"):
         load_settings(config)
 
 
