@@ -69,6 +69,7 @@ class RelayOptions:
     standby_poll_interval: float = 2.0
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
+    stall_warning: float = 15.0
 
 
 class _Backoff:
@@ -119,6 +120,7 @@ class Relay:
         self._wake_w.setblocking(False)
         self._generation = 0
         self._in_flight_bytes = 0
+        self._waiting_since = 0.0  # monotonic time of the last acknowledgment while waiting
         self._unackable = 0  # events that failed for good: never acknowledged, never confirmed
         self._state = ""
         self._stop_deadline = 0.0  # set by stop(): reading the open transaction, then draining
@@ -231,6 +233,7 @@ class Relay:
             if full:
                 # Backpressure: stop reading, keep the server connection alive.
                 source.tick()
+                self._check_stalled()
                 self._wait_for_wake(0.5)
                 continue
             items = source.read(1.0, wake_fd, opts.read_batch)
@@ -255,6 +258,27 @@ class Relay:
             self._drain_wake()
             self._drain_completions()
             source.confirm(tracker.confirmed, tracker.delivered)
+            if tracker.in_flight:
+                self._check_stalled()
+            else:
+                self._waiting_since = 0.0
+
+    def _check_stalled(self) -> None:
+        """Say so (once) when the broker has acknowledged nothing for a while: the client
+        keeps retrying silently until its delivery timeout, which can be minutes."""
+        now = time.monotonic()
+        if not self._waiting_since:
+            self._waiting_since = now
+        elif now - self._waiting_since >= self.options.stall_warning and self._state == "streaming":
+            self._set_state(
+                "stalled",
+                "Kafka has acknowledged nothing for %.0fs; %d events waiting; nothing past %s is "
+                "confirmed; still trying",
+                now - self._waiting_since,
+                self.tracker.in_flight,
+                format_lsn(self.tracker.confirmed),
+                level=logging.WARNING,
+            )
 
     def _wait_for_wake(self, timeout: float) -> None:
         import select
@@ -289,8 +313,12 @@ class Relay:
             tracker.ack(c.txn)
             observer.published(c.record, None)
             advanced = True
-        if advanced and tracker.delivered > self.delivered:
-            self.delivered = tracker.delivered
+        if advanced:
+            self._waiting_since = time.monotonic()
+            if self._state == "stalled":
+                self._set_state("streaming", "Kafka acknowledges again")
+            if tracker.delivered > self.delivered:
+                self.delivered = tracker.delivered
 
     def _delivery_failed(self, c: _Completion) -> None:
         exc = c.exc
@@ -420,6 +448,7 @@ class Relay:
                     )
         except OutboxError as exc:
             log.warning("stopping: could not deliver the events in flight: %s", exc)
+            deadline = 0.0  # the broker failed: do not wait for it any longer
         finally:
             if self.sink is not None:
                 self.sink.close(max(0.0, deadline - time.monotonic()))

@@ -97,10 +97,15 @@ class KafkaSink:
             allow_auto_create_topics=False,
         )
         self._client_config = {k: v for k, v in options.client_config.items()}
+        config.setdefault("bootstrap_timeout_ms", options.max_block_ms)
+        self._admin_client: KafkaAdminClient | None = None
         try:
             self._producer = kafka.KafkaProducer(**config)
-        except kerr.NoBrokersAvailable:
-            raise SinkError(f"no Kafka broker answered at {options.bootstrap_servers}") from None
+        except kerr.KafkaTimeoutError:
+            raise SinkError(
+                f"no Kafka broker answered at {options.bootstrap_servers} "
+                f"within {options.max_block_ms} ms"
+            ) from None
         except kerr.KafkaConfigurationError as exc:
             raise ConfigurationError(f"kafka settings: {exc}") from None
         except kerr.KafkaError as exc:
@@ -141,27 +146,40 @@ class KafkaSink:
                     except kerr.TopicAlreadyExistsError:
                         pass
             except kerr.KafkaError as exc:
+                self._close_admin()
                 raise classify(exc) from None
-            finally:
-                admin.close()
             self._known_topics.add(topic)
 
     def _admin(self) -> KafkaAdminClient:
+        """One admin client per sink, created on the first unknown topic."""
+        if self._admin_client is not None:
+            return self._admin_client
         try:
-            return KafkaAdminClient(
+            self._admin_client = KafkaAdminClient(
                 bootstrap_servers=self.options.bootstrap_servers.split(","),
                 client_id=f"{self.options.client_id}-admin",
                 request_timeout_ms=self.options.request_timeout_ms,
+                bootstrap_timeout_ms=self.options.max_block_ms,
                 **{
                     k: v
                     for k, v in self._client_config.items()
                     if k.startswith(("security_", "sasl_", "ssl_"))
                 },
             )
-        except kerr.NoBrokersAvailable:
+        except kerr.KafkaError as exc:
             raise SinkError(
-                f"no Kafka broker answered at {self.options.bootstrap_servers}"
+                f"Kafka admin client could not connect to {self.options.bootstrap_servers}: "
+                f"{type(exc).__name__}"
             ) from None
+        return self._admin_client
+
+    def _close_admin(self) -> None:
+        admin, self._admin_client = self._admin_client, None
+        if admin is not None:
+            try:
+                admin.close()
+            except Exception as exc:  # closing must not mask the error that made us close
+                log.debug("closing the Kafka admin client failed: %s", exc)
 
     # -- Sink -----------------------------------------------------------------------------------
 
@@ -180,10 +198,13 @@ class KafkaSink:
     def flush(self, timeout: float) -> None:
         try:
             self._producer.flush(timeout=timeout)
+        except kerr.KafkaTimeoutError:
+            pass  # the contract: wait at most ``timeout``; what is pending stays pending
         except kerr.KafkaError as exc:
             raise classify(exc) from None
 
     def close(self, timeout: float) -> None:
+        self._close_admin()
         try:
             self._producer.close(timeout=timeout)
         except Exception as exc:  # closing must not mask the error that made us close

@@ -156,12 +156,25 @@ class WalSource:
             raise SlotInUseError(slot, int(state["active_pid"]))
         return parse_lsn(state["confirmed_flush"]) if state["confirmed_flush"] else 0
 
+    def _warn_if_table_missing(self) -> None:
+        assert self._ctl is not None
+        row = self._ctl.execute(
+            "SELECT to_regclass(%s) IS NOT NULL", (self.options.qualified_table,)
+        ).fetchone()
+        if not (row and row[0]):
+            log.warning(
+                "table %s does not exist: no table events will be streamed until it is "
+                "created ('outbox-cdc init' creates it; check OUTBOX_CDC_TABLE)",
+                self.options.qualified_table,
+            )
+
     def open(self, resume_from: int) -> int:
         self.close()
         try:
             self._ctl = self._connect()
             confirmed = self._check_slot()
             stored = load_offset(self._ctl, self.options.slot)
+            self._warn_if_table_missing()
             self._repl = self._connect(replication="database")
         except (SourceError, ConfigurationError):
             self.close()
@@ -216,6 +229,7 @@ class WalSource:
         out: list[Item] = []
         deadline = time.monotonic() + timeout
         decode = self._decoder.decode
+        drained = False
         try:
             while len(out) < max_items:
                 nbytes, data = pgconn.get_copy_data(1)
@@ -247,10 +261,17 @@ class WalSource:
                         self._idle_pos = ka.wal_end
                         if ka.reply_requested:
                             self._reply_requested = True
+                    drained = False
                     continue
                 if nbytes == -1:
                     raise SourceError(self._stream_end_reason())
                 if out:
+                    # Take whatever else already arrived (libpq's socket is non-blocking, so
+                    # this never waits): a batch per wake-up, not a message per wake-up.
+                    if not drained:
+                        drained = True
+                        pgconn.consume_input()
+                        continue
                     break
                 now = time.monotonic()
                 remaining = deadline - now

@@ -264,3 +264,48 @@ def test_standby_waits_while_the_slot_is_in_use() -> None:
     relay = run(source, lambda: sink)
     assert payloads(sink.records) == [b"1"]
     assert relay.delivered == 10
+
+
+def test_a_silent_broker_is_reported_once_and_its_return_too(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sink = StuckSink(auto_ack=False)
+    source = FakeSource(txn(10, 1) + txn(20, 2))
+    source.stop_when_drained = False
+    relay = Relay(source, lambda: sink, RelayOptions(stall_warning=0.2, shutdown_timeout=1))
+    t = threading.Thread(target=relay.run, daemon=True)
+    with caplog.at_level("INFO", logger="outbox_cdc.relay"):
+        t.start()
+        threading.Event().wait(1.5)
+        sink.complete()
+        threading.Event().wait(0.3)
+        relay.stop()
+        t.join(5)
+    stalled = [r for r in caplog.records if "acknowledged nothing" in r.getMessage()]
+    assert len(stalled) == 1
+    assert stalled[0].levelname == "WARNING"
+    assert "2 events waiting" in stalled[0].getMessage()
+    assert any("acknowledges again" in r.getMessage() for r in caplog.records)
+    assert source.confirmed == 20
+
+
+def test_stop_reads_on_to_the_end_of_a_partly_read_transaction() -> None:
+    """Events of an open transaction already sent become confirmable at once (no
+    redelivery after restart), rather than being abandoned at stop."""
+    sink = MemorySink()
+    items = [BEGIN, *(event(n) for n in range(1, 8)), Commit(70)]
+    source = FakeSource(items)
+    source.stop_when_drained = False
+    relay = Relay(source, lambda: sink, RelayOptions(shutdown_timeout=5))
+    original_read = source.read
+
+    def read_then_stop(timeout: float, wake_fd: int, max_items: int) -> list[Item]:
+        out = original_read(timeout, wake_fd, max_items)
+        if source.cursor == 3:  # BEGIN and two events read: stop mid-transaction
+            relay.stop()
+        return out
+
+    source.read = read_then_stop  # type: ignore[method-assign]
+    relay.run()
+    assert len(sink.records) == 7
+    assert source.confirmed == 70
