@@ -34,7 +34,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -109,7 +109,7 @@ def plain_side(conn: psycopg.Connection[Any], table: str, payload: str) -> Calla
                 sql,
                 (
                     uuid.uuid4(),
-                    datetime.now(timezone.utc),
+                    datetime.now(UTC),
                     TOPIC,
                     f"order-{i}",
                     TYPE,
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     result = {
         "benchmark": "insert_api",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "description": "one event per transaction with psycopg: Outbox.publish + commit vs a "
         "plain INSERT of the same row + commit, alternating rounds",
         "parameters": {

@@ -39,7 +39,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -249,7 +249,7 @@ class RelayProcess:
 
     def start(self) -> None:
         with self.log_path.open("a") as f:
-            f.write(f"\n===== {self.label}: {datetime.now(timezone.utc).isoformat()} =====\n")
+            f.write(f"\n===== {self.label}: {datetime.now(UTC).isoformat()} =====\n")
         self.log_offset = self.log_path.stat().st_size
         logf = self.log_path.open("ab")
         self.started_mono = time.monotonic()
@@ -1393,7 +1393,7 @@ def main(argv: list[str] | None = None) -> int:
     r = bench.results
     r.update(
         benchmark="outbox-cdc WAL relay, end to end (PostgreSQL -> outbox-cdc start -> Kafka)",
-        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        date=datetime.now(UTC).isoformat(timespec="seconds"),
         status="running",
         host={
             "nproc": len(os.sched_getaffinity(0)),

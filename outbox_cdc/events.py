@@ -20,7 +20,7 @@ import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from outbox_cdc.errors import EventDecodeError, EventValidationError
@@ -220,7 +220,7 @@ def create_event(
             raise EventValidationError("id", f"{id!r} is not a UUID") from None
     return OutboxEvent(
         id=event_id,
-        created_at=now or datetime.now(timezone.utc),
+        created_at=now or datetime.now(UTC),
         topic=topic,
         type=type,
         payload=data,
@@ -352,14 +352,14 @@ def parse_time(text: str) -> datetime:
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
     ts = datetime.fromisoformat(text)
-    return ts if ts.tzinfo is not None else ts.replace(tzinfo=timezone.utc)
+    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
 
 
 def format_time(ts: datetime) -> str:
     """RFC 3339 in UTC with a ``Z`` suffix, as CloudEvents ``time`` wants."""
     if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=timezone.utc)
-    return ts.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+        ts = ts.replace(tzinfo=UTC)
+    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def to_record(event: OutboxEvent, source: str = DEFAULT_SOURCE) -> KafkaRecord:

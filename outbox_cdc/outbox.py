@@ -14,7 +14,7 @@ import sqlite3
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -188,7 +188,7 @@ def _message_sql(style: str, rows: int) -> str:
 
 
 def _utc_naive(ts: datetime) -> datetime:
-    return ts if ts.tzinfo is None else ts.astimezone(timezone.utc).replace(tzinfo=None)
+    return ts if ts.tzinfo is None else ts.astimezone(UTC).replace(tzinfo=None)
 
 
 def _row_params(dialect: str, event: OutboxEvent) -> list[Any]:

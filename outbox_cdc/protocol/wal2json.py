@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from outbox_cdc.errors import EventDecodeError, EventValidationError, ProtocolError
@@ -55,7 +55,7 @@ def _parse_time(text: str) -> datetime:
     # fromisoformat accepts it (space separator, short offset).
     ts = datetime.fromisoformat(text)
     if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=timezone.utc)
+        ts = ts.replace(tzinfo=UTC)
     return ts
 
 

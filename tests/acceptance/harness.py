@@ -31,7 +31,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -793,7 +793,7 @@ def _compare(rec: Any, w: Written, sources: Collection[str]) -> str | None:
         return f"ce_time {ce_time!r} is not RFC 3339 UTC"
     when = datetime.fromisoformat(ce_time.replace("Z", "+00:00"))
     if when.tzinfo is None or abs(when.timestamp() - w.written_at) > 60:
-        written = datetime.fromtimestamp(w.written_at, timezone.utc)
+        written = datetime.fromtimestamp(w.written_at, UTC)
         return f"ce_time {ce_time!r} is not the write time {written}"
     return None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -33,7 +33,7 @@ def written(key: str, seq: int) -> Written:
 
 
 def record(w: Written, partition: int = 0, source: str = "outbox-cdc") -> Rec:
-    now = datetime.fromtimestamp(w.written_at, timezone.utc).isoformat()
+    now = datetime.fromtimestamp(w.written_at, UTC).isoformat()
     return Rec(
         partition,
         w.key.encode(),

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -146,7 +146,7 @@ def _row(values: tuple[Any, ...]) -> Row:
     if isinstance(created, str):  # SQLite: RFC 3339 text
         created = datetime.fromisoformat(created.replace("Z", "+00:00"))
     if created.tzinfo is None:  # MySQL DATETIME(6) holds UTC
-        created = created.replace(tzinfo=timezone.utc)
+        created = created.replace(tzinfo=UTC)
     if isinstance(headers, str | bytes):
         headers = json.loads(headers)
     return Row(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -66,7 +66,7 @@ def test_commit_writes_exactly_one_row_with_the_given_fields(db: Db) -> None:
         "x-binary": b"\xff\xfe\x00",  # not UTF-8
         "x-nul": b"a\x00b",  # UTF-8, but with a NUL (stored as base64)
     }
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with db.tx() as tx:
         returned = outbox.publish(
             tx.handle,
@@ -102,7 +102,7 @@ def test_commit_writes_exactly_one_row_with_the_given_fields(db: Db) -> None:
 
 def test_defaults_generated_id_json_payload_no_key_no_headers(db: Db) -> None:
     outbox = Outbox(db.table)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with db.tx() as tx:
         returned = outbox.publish(
             tx.handle, topic="t", type="thing.happened", payload={"n": 1, "name": "Zoë"}

@@ -10,7 +10,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -101,7 +101,7 @@ async def test_commit_writes_exactly_one_row_with_the_given_fields(
 ) -> None:
     outbox = Outbox(table)
     event_id = uuid.uuid4()
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     async with open_async_tx(kind, postgres_url) as tx:
         returned = await outbox.publish_async(
             tx.handle,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -82,7 +82,7 @@ def test_committed_message_appears_with_its_envelope(
 ) -> None:
     outbox = Outbox(mode="message")
     event_id = uuid.uuid4()
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with open_tx(kind, postgres_url) as tx:
         returned = outbox.publish(
             tx.handle,

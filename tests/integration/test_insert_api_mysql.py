@@ -5,7 +5,7 @@ larger than ``max_allowed_packet``, other PyMySQL cursor classes, the session ti
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pymysql
@@ -109,7 +109,7 @@ def test_created_at_is_utc_whatever_the_session_time_zone(
 ) -> None:
     with conn.cursor() as cur:
         cur.execute("SET time_zone = '+05:30'")
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     Outbox(table).publish(conn, topic="t", type="tz", payload=b"1")
     conn.commit()
     (row,) = read_mysql(mysql_url, table)

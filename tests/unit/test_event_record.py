@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -22,7 +22,7 @@ from outbox_cdc.events import (
 )
 
 EVENT_ID = uuid.UUID("0b8f6a4e-8a8e-4b8e-9f52-6c1d2e3f4a5b")
-WHEN = datetime(2026, 11, 26, 7, 5, 19, 123456, tzinfo=timezone.utc)
+WHEN = datetime(2026, 11, 26, 7, 5, 19, 123456, tzinfo=UTC)
 
 
 def event(**changes: object) -> OutboxEvent:
@@ -89,7 +89,7 @@ def test_record_without_user_headers_and_custom_source() -> None:
     ("created_at", "ce_time"),
     [
         (WHEN, "2026-11-26T07:05:19.123456Z"),
-        (datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc), "2026-01-02T03:04:05Z"),
+        (datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), "2026-01-02T03:04:05Z"),
         # another offset is converted to UTC
         (
             datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=timezone(timedelta(hours=5, minutes=30))),
@@ -103,7 +103,7 @@ def test_ce_time_is_rfc3339_utc_with_z(created_at: datetime, ce_time: str) -> No
     assert dict(to_record(event(created_at=created_at)).headers)["ce_time"] == ce_time.encode()
     assert format_time(created_at) == ce_time
     assert parse_time(ce_time) == (
-        created_at if created_at.tzinfo else created_at.replace(tzinfo=timezone.utc)
+        created_at if created_at.tzinfo else created_at.replace(tzinfo=UTC)
     )
 
 

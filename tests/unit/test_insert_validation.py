@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlite3
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pydantic
@@ -199,7 +199,7 @@ class Opaque:
         True,
         Opaque(),
         uuid.uuid4(),
-        datetime.now(timezone.utc),
+        datetime.now(UTC),
     ],
 )
 def test_payload_not_serializable(db: Traced, payload: object) -> None:
@@ -289,9 +289,9 @@ def test_ids_given_or_generated() -> None:
 
 
 def test_created_at_is_now_in_utc() -> None:
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     event = Outbox().event(**GOOD)
-    assert before <= event.created_at <= datetime.now(timezone.utc)
+    assert before <= event.created_at <= datetime.now(UTC)
     assert event.created_at.utcoffset() is not None
     assert event.created_at.utcoffset().total_seconds() == 0  # type: ignore[union-attr]
 
@@ -317,7 +317,7 @@ def test_publish_many_item_errors(db: Traced) -> None:
 def valid_event(**changes: Any) -> OutboxEvent:
     fields: dict[str, Any] = {
         "id": uuid.uuid4(),
-        "created_at": datetime.now(timezone.utc),
+        "created_at": datetime.now(UTC),
         "topic": "t",
         "type": "x",
         "payload": b"1",
@@ -481,6 +481,6 @@ def test_create_event_is_the_same_validation() -> None:
         create_event(topic="t", type="x", payload=b"12", max_payload_bytes=1)
     assert exc.value.field == "payload"
     event = create_event(
-        topic="t", type="x", payload=b"1", now=datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+        topic="t", type="x", payload=b"1", now=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     )
-    assert event.created_at == datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    assert event.created_at == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -26,7 +26,7 @@ from outbox_cdc.sources.base import BEGIN, Commit, Item
 def event(n: int, key: str = "k") -> OutboxEvent:
     return OutboxEvent(
         id=uuid.UUID(int=n),
-        created_at=datetime(2026, 1, 1, tzinfo=timezone.utc),
+        created_at=datetime(2026, 1, 1, tzinfo=UTC),
         topic="t",
         type="x",
         payload=str(n).encode(),
