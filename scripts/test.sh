@@ -14,9 +14,11 @@ scripts/services.sh up
 # shellcheck source=/dev/null
 . ./.services.env
 
-if [ -x .venv/bin/python ]; then
-    python=.venv/bin/python
-else
-    python=python3
+# A new checkout gets its virtual environment here, so this one command is all a user needs.
+if [ ! -x .venv/bin/python ]; then
+    echo "==> creating .venv and installing outbox-cdc with its test dependencies"
+    python3 -m venv .venv
+    .venv/bin/python -m pip install -q -e '.[dev]'
 fi
+python=.venv/bin/python
 exec "$python" -m pytest "$@"
