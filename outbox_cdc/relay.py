@@ -236,7 +236,9 @@ class Relay:
                 self._check_stalled()
                 self._wait_for_wake(0.5)
                 continue
-            items = source.read(1.0, wake_fd, opts.read_batch)
+            # never read more events than the in-flight limit still allows
+            room = min(opts.read_batch, opts.max_in_flight_events - tracker.in_flight)
+            items = source.read(1.0, wake_fd, room)
             for item in items:
                 if item is BEGIN:
                     tracker.begin()

@@ -425,8 +425,14 @@ def test_sigterm_with_events_in_flight_exits_0_and_restart_redelivers_nothing(
     create_logical_slot(postgres_url, replication_slot)  # the backlog is written before start
     load = LoadGenerator(postgres_url, outbox_table, topic, events=20_000, keys=200, threads=4)
     result = load.start().join(timeout=120)
-    # linger 100 ms: many events are sent and not yet acknowledged at any moment
-    relay = relays(shutdown_timeout=shutdown_timeout, status_interval=1, kafka_linger_ms=100)
+    # linger 100 ms: many events are sent and not yet acknowledged at any moment; at most
+    # 1,000 in flight, so the stop cannot deliver the whole backlog by draining
+    relay = relays(
+        shutdown_timeout=shutdown_timeout,
+        status_interval=1,
+        kafka_linger_ms=100,
+        max_in_flight_events=1000,
+    )
     relay.start()
     relay.wait_streaming()
     wait_until(
