@@ -117,6 +117,7 @@ class Relay:
         self._done: queue.SimpleQueue[_Completion] = queue.SimpleQueue()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
+        self._wake_pending = False
         self._wake_w.setblocking(False)
         self._generation = 0
         self._in_flight_bytes = 0
@@ -135,7 +136,13 @@ class Relay:
         self._wake()
 
     def _wake(self) -> None:
-        # Runs once per acknowledgment: a plain try is cheaper than contextlib.suppress.
+        # Runs once per acknowledgment, on the client's IO thread. One byte per wake-up is
+        # enough: while an earlier byte is unread, the loop has not drained the queue yet and
+        # will see this completion too (it clears the flag before it reads the byte and the
+        # queue). A plain try is cheaper than contextlib.suppress here.
+        if self._wake_pending:
+            return
+        self._wake_pending = True
         try:  # noqa: SIM105
             self._wake_w.send(b"\0")
         except (BlockingIOError, OSError):
@@ -289,6 +296,7 @@ class Relay:
         self._drain_wake()
 
     def _drain_wake(self) -> None:
+        self._wake_pending = False
         try:
             while self._wake_r.recv(4096):
                 pass
