@@ -10,6 +10,7 @@ publish, or retry silently (every state change is one log line).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import socket
@@ -309,26 +310,32 @@ class Relay:
         observer = self.observer
         generation = self._generation
         advanced = False
-        while True:
-            try:
-                c = get()
-            except queue.Empty:
-                break
-            if c.generation != generation:
-                continue  # from a pipeline we abandoned; the source resends those events
-            if c.exc is not None:
-                self._delivery_failed(c)
-                continue
-            self._in_flight_bytes -= c.nbytes
-            tracker.ack(c.txn)
-            observer.published(c.record, None)
-            advanced = True
-        if advanced:
-            self._waiting_since = time.monotonic()
-            if self._state == "stalled":
-                self._set_state("streaming", "Kafka acknowledges again")
-            if tracker.delivered > self.delivered:
-                self.delivered = tracker.delivered
+        try:
+            while True:
+                try:
+                    c = get()
+                except queue.Empty:
+                    break
+                if c.generation != generation:
+                    continue  # from a pipeline we abandoned; the source resends those events
+                if c.exc is not None:
+                    self._delivery_failed(c)  # raises unless the event was dead-lettered
+                    continue
+                self._in_flight_bytes -= c.nbytes
+                tracker.ack(c.txn)
+                observer.published(c.record, None)
+                advanced = True
+        finally:
+            # also when a failure interrupts the drain: what was acknowledged before it counts
+            if advanced:
+                self._acknowledged()
+
+    def _acknowledged(self) -> None:
+        self._waiting_since = time.monotonic()
+        if self._state == "stalled":
+            self._set_state("streaming", "Kafka acknowledges again")
+        if self.tracker.delivered > self.delivered:
+            self.delivered = self.tracker.delivered
 
     def _delivery_failed(self, c: _Completion) -> None:
         exc = c.exc
@@ -424,6 +431,9 @@ class Relay:
     def _abandon(self, keep_sink: bool = False) -> None:
         """Drop the pipeline after a retriable failure. Events in flight are resent by the
         source after reconnecting (from the last delivered position): duplicates, not losses."""
+        # report what was delivered before the failure, if the server still listens
+        with contextlib.suppress(OutboxError):
+            self.source.confirm(self.tracker.confirmed, self.tracker.delivered)
         self._generation += 1
         if self.sink is not None and not keep_sink:
             self.sink.close(0)
