@@ -10,14 +10,19 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from outbox_cdc import __version__
 from outbox_cdc.errors import ConfigurationError, OutboxError
+
+if TYPE_CHECKING:
+    from outbox_cdc.sinks.base import Sink
+    from outbox_cdc.sinks.kafka import KafkaOptions
 
 log = logging.getLogger("outbox_cdc")
 
@@ -34,6 +39,7 @@ def _setup_logging(level: str) -> None:
     # kafka-python logs every failed connection attempt at ERROR/WARNING: the relay reports
     # broker state changes itself, once each.
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    logging.getLogger("confluent_kafka").setLevel(logging.CRITICAL)  # librdkafka's, likewise
 
 
 def _fail(exc: Exception, code: int) -> None:
@@ -103,7 +109,6 @@ def start(config_file: Path | None, **flags: Any) -> None:
     """
     from outbox_cdc.relay import Relay, RelayOptions
     from outbox_cdc.settings import load_settings
-    from outbox_cdc.sinks.kafka import KafkaSink
     from outbox_cdc.sources.wal import WalSource
 
     try:
@@ -111,12 +116,13 @@ def start(config_file: Path | None, **flags: Any) -> None:
         _setup_logging(settings.log_level)
         source = WalSource(settings.wal_source_options())
         kafka_options = settings.kafka_options()
+        sink_class = _sink_class(settings.kafka_client)
     except ConfigurationError as exc:
         _fail(exc, EXIT_CONFIG)
         return
     relay = Relay(
         source,
-        lambda: KafkaSink(kafka_options),
+        lambda: sink_class(kafka_options),
         RelayOptions(
             source_name=settings.source_name,
             max_in_flight_events=settings.max_in_flight_events,
@@ -136,11 +142,12 @@ def start(config_file: Path | None, **flags: Any) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.info(
-        "outbox-cdc %s: relaying %s (slot %s) to Kafka %s",
+        "outbox-cdc %s: relaying %s (slot %s) to Kafka %s (%s)",
         __version__,
         settings.table,
         settings.slot,
         settings.kafka_bootstrap_servers,
+        settings.kafka_client,
     )
     try:
         relay.run()
@@ -150,6 +157,22 @@ def start(config_file: Path | None, **flags: Any) -> None:
     except OutboxError as exc:
         log.error("%s", exc)
         sys.exit(EXIT_FATAL)
+
+
+def _sink_class(kafka_client: str) -> Callable[[KafkaOptions], Sink]:
+    """The sink of the ``kafka_client`` setting; confluent-kafka is imported only when chosen."""
+    if kafka_client == "confluent":
+        try:
+            from outbox_cdc.sinks.confluent import ConfluentSink
+        except ImportError:
+            raise ConfigurationError(
+                "kafka_client=confluent needs the confluent extra: "
+                "pip install 'outbox-cdc[confluent]'"
+            ) from None
+        return ConfluentSink
+    from outbox_cdc.sinks.kafka import KafkaSink
+
+    return KafkaSink
 
 
 @main.command()

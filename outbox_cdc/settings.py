@@ -65,6 +65,11 @@ class Settings(BaseSettings):
 
     # -- kafka -----------------------------------------------------------------------------------
     kafka_bootstrap_servers: str = Field(description="host:port[,host:port...] of Kafka")
+    kafka_client: Literal["kafka-python", "confluent"] = Field(
+        "kafka-python",
+        description="producer library: kafka-python (pure Python) or confluent (librdkafka, "
+        "needs the confluent extra)",
+    )
     kafka_client_id: str = "outbox-cdc"
     kafka_linger_ms: int = Field(5, ge=0, le=60_000)
     kafka_batch_size: int = Field(64 * 1024, ge=1)
