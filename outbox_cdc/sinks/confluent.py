@@ -12,8 +12,9 @@ sink and builds a new producer.
 
 What it must not do: acknowledge anything the broker did not acknowledge, swallow an error, let
 librdkafka create topics on its own (``allow.auto.create.topics=false``; missing topics are
-created through the admin API with the configured partitions, or refused), or log a secret
-(security settings are passed to librdkafka, never printed).
+created through the admin API with the configured partitions, or refused), hash keys to other
+partitions than kafka-python does (``partitioner=murmur2_random``, the Java client's), or log a
+secret (security settings are passed to librdkafka, never printed).
 """
 
 from __future__ import annotations
@@ -108,6 +109,10 @@ def producer_config(options: KafkaOptions) -> dict[str, Any]:
             "message.timeout.ms": options.delivery_timeout_ms,
             "message.max.bytes": options.max_request_size,
             "allow.auto.create.topics": False,
+            # the Java client's (and kafka-python's) key hash, not librdkafka's default CRC32:
+            # a key lands in the same partition whichever client the relay runs on, so
+            # switching clients keeps per-key order
+            "partitioner": "murmur2_random",
             "logger": librdkafka_log,
         }
     )
