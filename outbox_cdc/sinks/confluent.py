@@ -147,8 +147,11 @@ class ConfluentSink:
         self._topic_lock = threading.Lock()
         self._admin_client: AdminClient | None = None
         self._block_s = options.max_block_ms / 1000
+        self._last_error: KafkaError | None = None
+        config = producer_config(options)
+        config["error_cb"] = self._on_error
         try:
-            self._producer = Producer(producer_config(options))
+            self._producer = Producer(config)
         except KafkaException as exc:
             err = _error_of(exc)
             name = err.name() if err is not None else type(exc).__name__
@@ -158,16 +161,28 @@ class ConfluentSink:
         try:
             self._producer.list_topics(timeout=self._block_s)
         except KafkaException:
+            self._producer.poll(0)  # serve the error callbacks: why it failed
             self._producer.close()
+            why = self._last_error
             raise SinkError(
                 f"no Kafka broker answered at {options.bootstrap_servers} "
                 f"within {options.max_block_ms} ms"
+                + (f" (last error {why.name()}: {why.str()})" if why is not None else "")
             ) from None
         self._closing = threading.Event()
         self._poller = threading.Thread(
             target=self._poll_loop, name="outbox-cdc-confluent-poll", daemon=True
         )
         self._poller.start()
+
+    def _on_error(self, err: KafkaError) -> None:
+        """librdkafka's client-level errors (broker down, authentication...), served by poll.
+        They are retried internally; the records concerned fail through their delivery
+        reports. Only a fatal one is worth a line here (librdkafka's messages hold no
+        secrets)."""
+        self._last_error = err
+        if err.fatal():
+            log.error("Kafka producer fatal error: %s: %s", err.name(), err.str())
 
     def _poll_loop(self) -> None:
         """Serve delivery reports (and librdkafka's logs) until close."""

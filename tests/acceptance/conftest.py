@@ -2,6 +2,9 @@
 
 * ``outbox_table``  a fresh outbox table (schema v1) of its own per test, dropped at teardown;
 * ``topic``         ``kafka_topic`` created with 4 partitions (per-key order means something);
+* ``kafka_client``  the relay's Kafka client (``OUTBOX_CDC_KAFKA_CLIENT``): ``kafka-python``,
+                    or the test's parameter (``@pytest.mark.parametrize("kafka_client",
+                    CLIENTS, indirect=True)``); ``confluent`` skips when not installed;
 * ``relays``        factory of relay processes on that table, slot and database, each killed at
                     teardown; their logs are attached to the report of a failing test.
 """
@@ -55,9 +58,21 @@ def topic(kafka_bootstrap: str, kafka_topic: str) -> str:
     return kafka_topic
 
 
+CLIENTS = ["kafka-python", "confluent"]
+
+
+@pytest.fixture
+def kafka_client(request: pytest.FixtureRequest) -> str:
+    client: str = getattr(request, "param", "kafka-python")
+    if client == "confluent":
+        pytest.importorskip("confluent_kafka", reason="the confluent extra is not installed")
+    return client
+
+
 @pytest.fixture
 def relays(
     request: pytest.FixtureRequest,
+    kafka_client: str,
     tmp_path: Path,
     postgres_url: str,
     kafka_bootstrap: str,
@@ -77,6 +92,7 @@ def relays(
             bootstrap=kafka_bootstrap,
             table=outbox_table,
             slot=replication_slot,
+            kafka_client=kafka_client,
             **settings,
         )
         relay = RelayProcess(env, tmp_path / "logs", name)

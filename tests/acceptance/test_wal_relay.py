@@ -18,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 
+from tests.acceptance.conftest import CLIENTS
 from tests.acceptance.harness import (
     CheckResult,
     LoadGenerator,
@@ -41,7 +42,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.kafka, pytest.
 
 Relays = Callable[..., RelayProcess]
 
+# the scenarios that also run with the confluent-kafka client (the others: kafka-python only)
+each_client = pytest.mark.parametrize("kafka_client", CLIENTS, indirect=True)
 
+
+@each_client
 def test_clean_run_delivers_every_committed_event_exactly_once_in_key_order(
     relays: Relays, postgres_url: str, kafka_bootstrap: str, outbox_table: str, topic: str
 ) -> None:
@@ -72,6 +77,7 @@ def test_clean_run_delivers_every_committed_event_exactly_once_in_key_order(
     res.assert_complete(exactly_once=True)
 
 
+@each_client
 def test_sigkill_three_times_loses_nothing_and_duplicates_stay_bounded(
     relays: Relays, postgres_url: str, kafka_bootstrap: str, outbox_table: str, topic: str
 ) -> None:
@@ -113,6 +119,7 @@ def test_sigkill_three_times_loses_nothing_and_duplicates_stay_bounded(
     assert all(d <= bound for d in per_kill), per_kill
 
 
+@each_client
 def test_broker_down_30s_slot_never_confirms_past_unacknowledged_events(
     relays: Relays,
     postgres_url: str,
@@ -347,6 +354,7 @@ def test_idle_outbox_pins_no_wal_while_other_tables_and_databases_write(
     assert row["retained"] < limit, f"the idle slot retains {row['retained']} bytes of WAL"
 
 
+@each_client
 def test_standby_takes_over_within_10s_after_sigkill(
     relays: Relays,
     postgres_url: str,
@@ -409,6 +417,7 @@ def test_standby_takes_over_within_10s_after_sigkill(
     assert res.duplicates <= bound
 
 
+@each_client
 def test_sigterm_with_events_in_flight_exits_0_and_restart_redelivers_nothing(
     relays: Relays,
     postgres_url: str,

@@ -219,6 +219,7 @@ def test_poison_row_stops_the_relay_with_an_error_naming_the_event(
     assert not set(after) & set(seen)
 
 
+@pytest.mark.parametrize("kafka_client", ["kafka-python", "confluent"])
 def test_poison_rows_go_to_the_dead_letter_topic_and_later_events_still_arrive(
     relay: RelayProcess,
     postgres_url: str,
@@ -226,8 +227,11 @@ def test_poison_rows_go_to_the_dead_letter_topic_and_later_events_still_arrive(
     outbox_table: str,
     kafka_topic: str,
     dead_letter_topic: str,
+    kafka_client: str,
 ) -> None:
-    relay.start(dead_letter_topic=dead_letter_topic)
+    if kafka_client == "confluent":
+        pytest.importorskip("confluent_kafka", reason="the confluent extra is not installed")
+    relay.start(dead_letter_topic=dead_letter_topic, kafka_client=kafka_client)
     relay.wait_streaming()
     before = publish(postgres_url, outbox_table, kafka_topic, 3)
     poison_headers = insert_raw(postgres_url, outbox_table, kafka_topic, "[1,2]")
