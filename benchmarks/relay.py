@@ -16,6 +16,10 @@ as a subprocess exactly as in production:
 
 Figures are printed as a table and written as JSON to benchmarks/results/relay.json (a failed
 run goes to relay.failed.json instead). See benchmarks/README.md for what each figure means.
+
+``--compare-backends`` runs the backlog drain once per Kafka client (kafka-python, then
+confluent-kafka; each with its own table, slot and topic) and writes the drain rates, the relay's
+CPU per 1,000 events and their ratios to benchmarks/results/relay-backends.json.
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
+BACKENDS = ("kafka-python", "confluent")
+CLIENT_ENV = "OUTBOX_CDC_KAFKA_CLIENT"
 STREAMING_RE = re.compile(r"\bstreaming (?:slot \S+ )?from\b")
 
 
@@ -151,6 +157,14 @@ def pkg_version(name: str) -> str:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return "not installed"
+
+
+def librdkafka_version() -> str:
+    try:
+        import confluent_kafka
+    except ImportError:
+        return "not installed"
+    return str(confluent_kafka.libversion()[0])
 
 
 def kafka_home() -> Path:
@@ -1118,6 +1132,8 @@ class Bench:
             "kafka": kafka_version(api),
             "psycopg": pkg_version("psycopg"),
             "kafka_python": pkg_version("kafka-python"),
+            "confluent_kafka": pkg_version("confluent-kafka"),
+            "librdkafka": librdkafka_version(),
             "outbox_cdc": pkg_version("outbox-cdc"),
             "git": git_info(),
         }
@@ -1177,7 +1193,9 @@ def print_table(r: dict[str, Any], path: Path) -> None:
             "versions",
             f"PostgreSQL {v.get('postgresql', '?').split()[0]}, Kafka "
             f"{v.get('kafka')}, psycopg {v.get('psycopg')}, kafka-python "
-            f"{v.get('kafka_python')}",
+            f"{v.get('kafka_python')}, confluent-kafka {v.get('confluent_kafka')} "
+            f"(librdkafka {v.get('librdkafka')}); relay client "
+            f"{(r.get('parameters') or {}).get('relay_env', {}).get(CLIENT_ENV, 'default')}",
         )
     )
     lat = r.get("latency")
@@ -1344,7 +1362,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="extra OUTBOX_CDC_* setting for the relay (repeatable), e.g. "
         "OUTBOX_CDC_KAFKA_LINGER_MS=0",
     )
-    p.add_argument("--output", type=Path, default=RESULTS / "relay.json")
+    p.add_argument(
+        "--kafka-client",
+        choices=BACKENDS,
+        help="the relay's Kafka client (OUTBOX_CDC_KAFKA_CLIENT); default: the relay's default",
+    )
+    p.add_argument(
+        "--compare-backends",
+        action="store_true",
+        help="run the backlog drain once per Kafka client (kafka-python, confluent) and compare "
+        "drain rate and relay CPU per 1,000 events; output: results/relay-backends.json",
+    )
+    p.add_argument("--output", type=Path, help="default: results/relay.json")
     p.add_argument(
         "--log",
         type=Path,
@@ -1367,6 +1396,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not sep or not key.startswith("OUTBOX_CDC_"):
             p.error(f"--relay-env {item!r}: expected OUTBOX_CDC_NAME=VALUE")
         env[key] = value
+    if a.kafka_client:
+        if a.compare_backends:
+            p.error("--kafka-client and --compare-backends exclude each other")
+        env["OUTBOX_CDC_KAFKA_CLIENT"] = a.kafka_client
+    if a.compare_backends and "OUTBOX_CDC_KAFKA_CLIENT" in env:
+        p.error("--compare-backends sets OUTBOX_CDC_KAFKA_CLIENT itself")
+    if a.compare_backends and a.backlog <= 0:
+        p.error("--compare-backends needs a backlog (--backlog > 0)")
+    if a.output is None:
+        a.output = RESULTS / ("relay-backends.json" if a.compare_backends else "relay.json")
     a.relay_env = env
     if not a.database_url or not a.bootstrap_servers:
         p.error(
@@ -1383,6 +1422,17 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     a.output.parent.mkdir(parents=True, exist_ok=True)
     a.log.parent.mkdir(parents=True, exist_ok=True)
+    if a.compare_backends:
+        return compare_backends(a)
+    r, status, out = run_bench(a)
+    print_table(r, out)
+    if status:
+        print(f"status: {r['status']}")
+    return status
+
+
+def run_bench(a: argparse.Namespace, write: bool = True) -> tuple[dict[str, Any], int, Path]:
+    """One benchmark run (setup, phases, cleanup): its results, exit status, JSON path."""
     bench = Bench(a, a.database_url, a.admin_url, a.bootstrap_servers)
     params = {
         k: (str(v) if isinstance(v, Path) else v)
@@ -1430,10 +1480,107 @@ def main(argv: list[str] | None = None) -> int:
         bench.cleanup()
         r["host"]["loadavg_end"] = loadavg()
         out = a.output if status == 0 else a.output.with_name(a.output.stem + ".failed.json")
-        out.write_text(json.dumps(r, indent=2, default=str) + "\n")
-    print_table(r, out)
+        if write:
+            out.write_text(json.dumps(r, indent=2, default=str) + "\n")
+    return r, status, out
+
+
+def compare_backends(a: argparse.Namespace) -> int:
+    """The backlog drain once per Kafka client, one after the other, each on its own table,
+    slot and topic; then drain rate and relay CPU per 1,000 events side by side."""
+    runs: dict[str, dict[str, Any]] = {}
+    status = 0
+    for client in BACKENDS:
+        log(f"compare-backends: {client}")
+        args = argparse.Namespace(**vars(a))
+        args.relay_env = {**a.relay_env, "OUTBOX_CDC_KAFKA_CLIENT": client}
+        args.seconds, args.burst = 0, 0
+        r, st, _ = run_bench(args, write=False)
+        runs[client] = r
+        status = max(status, st)
+        if st == 1:
+            break
+    summary: dict[str, Any] = {}
+    for client, r in runs.items():
+        b = r.get("backlog") or {}
+        cpu_us = b.get("relay_cpu_us_per_event")
+        summary[client] = {
+            "status": r.get("status"),
+            "events": b.get("events"),
+            "completed": b.get("completed"),
+            "seconds_spawn_to_all_in_kafka": b.get("seconds_spawn_to_all_in_kafka"),
+            "drain_events_per_s": b.get("events_per_s_incl_startup"),
+            "drain_events_per_s_after_first": b.get("events_per_s_after_first"),
+            "peak_1s_events_per_s": b.get("peak_1s_events_per_s"),
+            # us per event = ms per 1,000 events
+            "relay_cpu_ms_per_1000_events": cpu_us,
+            "relay_cpu_s": b.get("relay_cpu_s"),
+            "relay_peak_rss_mib": b.get("relay_peak_rss_mib"),
+            "machine_cpu_busy_percent": b.get("machine_cpu_busy_percent"),
+            "disturbed": b.get("disturbed"),
+        }
+    ratio: dict[str, Any] = {}
+    kp, cf = summary.get("kafka-python", {}), summary.get("confluent", {})
+
+    def div(x: Any, y: Any) -> float | None:
+        return round(x / y, 2) if x and y else None
+
+    ratio["drain_rate_confluent_over_kafka_python"] = div(
+        cf.get("drain_events_per_s"), kp.get("drain_events_per_s")
+    )
+    ratio["drain_rate_after_first_confluent_over_kafka_python"] = div(
+        cf.get("drain_events_per_s_after_first"), kp.get("drain_events_per_s_after_first")
+    )
+    ratio["cpu_per_event_kafka_python_over_confluent"] = div(
+        kp.get("relay_cpu_ms_per_1000_events"), cf.get("relay_cpu_ms_per_1000_events")
+    )
+    first = next(iter(runs.values()), {})
+    result = {
+        "benchmark": "outbox-cdc WAL relay backlog drain, kafka-python vs confluent-kafka",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "status": "ok" if status == 0 else ("disturbed" if status == 2 else "failed (see runs)"),
+        "host": first.get("host"),
+        "versions": first.get("versions"),
+        "parameters": first.get("parameters"),
+        "summary": summary,
+        "ratio": ratio,
+        "runs": runs,
+    }
+    out = a.output if status == 0 else a.output.with_name(a.output.stem + ".failed.json")
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    rows = [
+        ("", "kafka-python", "confluent"),
+        *[
+            (
+                label,
+                fmt(kp.get(key), unit),
+                fmt(cf.get(key), unit),
+            )
+            for label, key, unit in (
+                ("backlog events", "events", ""),
+                ("all in Kafka after", "seconds_spawn_to_all_in_kafka", " s"),
+                ("drain rate (incl. startup)", "drain_events_per_s", " events/s"),
+                ("drain rate after first", "drain_events_per_s_after_first", " events/s"),
+                ("relay CPU per 1,000 events", "relay_cpu_ms_per_1000_events", " ms"),
+                ("relay peak RSS", "relay_peak_rss_mib", " MiB"),
+                ("machine CPU busy", "machine_cpu_busy_percent", "%"),
+            )
+        ],
+    ]
+    print()
+    for label, x, y in rows:
+        print(f"{label:>28}  {x:>18}  {y:>18}")
+    print(
+        f"\n{'drain rate ratio':>28}  confluent / kafka-python = "
+        f"{fmt(ratio['drain_rate_confluent_over_kafka_python'])}"
+    )
+    print(
+        f"{'CPU per event ratio':>28}  kafka-python / confluent = "
+        f"{fmt(ratio['cpu_per_event_kafka_python_over_confluent'])}"
+    )
+    print(f"\nJSON: {out}")
     if status:
-        print(f"status: {r['status']}")
+        print(f"status: {result['status']}")
     return status
 
 
