@@ -100,3 +100,33 @@ def test_sqlalchemy_style_url_is_accepted(env: pytest.MonkeyPatch) -> None:
 )
 def test_redact_url(url: str, redacted: str) -> None:
     assert redact_url(url) == redacted
+
+
+def test_kafka_client_picks_the_sink_class(env: pytest.MonkeyPatch) -> None:
+    from outbox_cdc.cli import _sink_class
+    from outbox_cdc.sinks.kafka import KafkaSink
+
+    assert load_settings(None).kafka_client == "kafka-python"
+    assert _sink_class(load_settings(None).kafka_client) is KafkaSink
+    env.setenv("OUTBOX_CDC_KAFKA_CLIENT", "confluent")
+    assert load_settings(None).kafka_client == "confluent"
+    env.setenv("OUTBOX_CDC_KAFKA_CLIENT", "librdkafka")
+    with pytest.raises(ConfigurationError, match="kafka_client"):
+        load_settings(None)
+
+
+def test_kafka_client_confluent_without_the_extra_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    from outbox_cdc.cli import _sink_class
+
+    # as if confluent-kafka were not installed: importing it raises ImportError
+    monkeypatch.setitem(sys.modules, "confluent_kafka", None)
+    monkeypatch.delitem(sys.modules, "outbox_cdc.sinks.confluent", raising=False)
+    with pytest.raises(ConfigurationError) as info:
+        _sink_class("confluent")
+    assert str(info.value) == (
+        "kafka_client=confluent needs the confluent extra: pip install 'outbox-cdc[confluent]'"
+    )
