@@ -152,9 +152,11 @@ def normalize_headers(headers: Mapping[str, HeaderValue] | None) -> tuple[tuple[
             raise EventValidationError(
                 "headers", f"header name {name!r} must be a non-empty str without NUL characters"
             )
-        if name in _RESERVED_HEADERS:
+        if name.lower() in _RESERVED_HEADERS:
             raise EventValidationError(
-                "headers", f"{name!r} is set by outbox-cdc (CloudEvents binding); rename it"
+                "headers",
+                f"{name!r} is set by outbox-cdc (CloudEvents binding, compared "
+                "case-insensitively); rename it",
             )
         if isinstance(value, str):
             try:
@@ -262,9 +264,11 @@ def check_event(event: OutboxEvent, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
         name = pair[0]
         if not isinstance(name, str) or not name or not _is_text(name):
             raise EventValidationError("headers", f"header name {name!r} must be a non-empty str")
-        if name in _RESERVED_HEADERS:
+        if name.lower() in _RESERVED_HEADERS:
             raise EventValidationError(
-                "headers", f"{name!r} is set by outbox-cdc (CloudEvents binding); rename it"
+                "headers",
+                f"{name!r} is set by outbox-cdc (CloudEvents binding, compared "
+                "case-insensitively); rename it",
             )
 
 

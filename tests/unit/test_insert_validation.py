@@ -144,6 +144,8 @@ def test_bad_content_types(db: Traced, content_type: object) -> None:
                 "ce_source",
                 "ce_time",
                 "content-type",
+                "Content-Type",
+                "CE_ID",
             )
         ),
     ],
