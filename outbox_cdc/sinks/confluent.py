@@ -137,11 +137,6 @@ class ConfluentSink:
     """See :class:`outbox_cdc.sinks.base.Sink` for the contract."""
 
     def __init__(self, options: KafkaOptions) -> None:
-        if not 1 <= options.max_in_flight_requests <= 5:
-            # Idempotence keeps order with up to 5 requests in flight (KIP-98 / KAFKA-5494).
-            raise ConfigurationError(
-                "kafka max_in_flight_requests: must be 1..5 for an idempotent, ordered producer"
-            )
         self.options = options
         self._known_topics: set[str] = set()
         self._topic_lock = threading.Lock()

@@ -54,6 +54,13 @@ class KafkaOptions:
     topic_replication_factor: int = 1
     client_config: Mapping[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_in_flight_requests <= 5:
+            # Idempotence keeps order with up to 5 requests in flight (KIP-98 / KAFKA-5494).
+            raise ConfigurationError(
+                "kafka max_in_flight_requests: must be 1..5 for an idempotent, ordered producer"
+            )
+
 
 def classify(exc: BaseException, record: KafkaRecord | None = None) -> SinkError:
     """Map a kafka-python exception to our tree (permanent or retriable)."""
@@ -71,11 +78,6 @@ class KafkaSink:
     """See :class:`outbox_cdc.sinks.base.Sink` for the contract."""
 
     def __init__(self, options: KafkaOptions) -> None:
-        if not 1 <= options.max_in_flight_requests <= 5:
-            # Idempotence keeps order with up to 5 requests in flight (KIP-98 / KAFKA-5494).
-            raise ConfigurationError(
-                "kafka max_in_flight_requests: must be 1..5 for an idempotent, ordered producer"
-            )
         self.options = options
         self._known_topics: set[str] = set()
         self._topic_lock = threading.Lock()
