@@ -7,31 +7,15 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import asdict, dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import psycopg
 
 from outbox_cdc.errors import ConfigurationError
 from outbox_cdc.schema import ddl, statements
+from outbox_cdc.sources.polling_databases import dialect_of, mysql_connect_args
 from outbox_cdc.sources.wal import create_slot
 
 # -- init ----------------------------------------------------------------------------------------
-
-
-def dialect_of(url: str) -> str:
-    scheme = url.split(":", 1)[0].split("+", 1)[0].lower()
-    dialect = {
-        "postgresql": "postgresql",
-        "postgres": "postgresql",
-        "mysql": "mysql",
-        "mariadb": "mysql",
-        "sqlite": "sqlite",
-    }.get(scheme)
-    if dialect is None:
-        raise ConfigurationError(
-            f"database_url: unsupported scheme {scheme!r}; use postgresql://, mysql:// or sqlite:///"
-        )
-    return dialect
 
 
 def slot_sql(slot: str) -> str:
@@ -42,8 +26,8 @@ def slot_sql(slot: str) -> str:
     )
 
 
-def init_sql(dialect: str, table: str, slot: str | None) -> str:
-    script = ddl(dialect, table)
+def init_sql(dialect: str, table: str, slot: str | None, polling: bool = False) -> str:
+    script = ddl(dialect, table, polling=polling)
     if dialect == "postgresql" and slot:
         script += "\n-- the WAL relay's logical replication slot (wal2json)\n" + slot_sql(slot)
     return script
@@ -52,15 +36,7 @@ def init_sql(dialect: str, table: str, slot: str | None) -> str:
 def _mysql_connect(url: str) -> Any:
     import pymysql
 
-    u = urlsplit(url)
-    return pymysql.connect(
-        host=u.hostname or "127.0.0.1",
-        port=u.port or 3306,
-        user=unquote(u.username or ""),
-        password=unquote(u.password or ""),
-        database=u.path.lstrip("/"),
-        autocommit=True,
-    )
+    return pymysql.connect(**mysql_connect_args(url), autocommit=True)
 
 
 def _pg_dsn(url: str) -> str:
@@ -68,7 +44,7 @@ def _pg_dsn(url: str) -> str:
     return "postgresql:" + rest if "+" in scheme else url
 
 
-def init(url: str, table: str, slot: str | None) -> list[str]:
+def init(url: str, table: str, slot: str | None, polling: bool = False) -> list[str]:
     """Create what is missing: outbox table, bookkeeping tables, and (PostgreSQL) the slot.
     Idempotent. Returns what it did, for the user."""
     dialect = dialect_of(url)
@@ -76,7 +52,7 @@ def init(url: str, table: str, slot: str | None) -> list[str]:
     if dialect == "postgresql":
         with psycopg.connect(_pg_dsn(url), autocommit=True) as conn:
             existed = _pg_table_exists(conn, table)
-            for stmt in statements(ddl(dialect, table)):
+            for stmt in statements(ddl(dialect, table, polling=polling)):
                 conn.execute(stmt)
             done.append(f"table {table}: {'already present' if existed else 'created'}")
             if slot:

@@ -85,7 +85,12 @@ _slot = click.option(
     show_envvar=True,
     help="TOML file with settings",
 )
-@click.option("--database-url", help="PostgreSQL URL [env OUTBOX_CDC_DATABASE_URL]")
+@click.option("--database-url", help="Database URL [env OUTBOX_CDC_DATABASE_URL]")
+@click.option(
+    "--mode",
+    type=click.Choice(["auto", "wal", "polling"]),
+    help="wal (PostgreSQL + wal2json) or polling [default: auto]",
+)
 @click.option(
     "--kafka-bootstrap-servers",
     help="host:port[,host:port] [env OUTBOX_CDC_KAFKA_BOOTSTRAP_SERVERS]",
@@ -102,19 +107,30 @@ _slot = click.option(
     "--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)
 )
 def start(config_file: Path | None, **flags: Any) -> None:
-    """Stream the outbox from the WAL to Kafka until SIGTERM/SIGINT.
+    """Relay the outbox to Kafka until SIGTERM/SIGINT: from PostgreSQL's WAL, or by polling
+    (MySQL/MariaDB, SQLite, or --mode polling).
 
     Every setting also reads OUTBOX_CDC_<NAME> (e.g. OUTBOX_CDC_KAFKA_LINGER_MS) and the
     config file; see docs/settings.md.
     """
     from outbox_cdc.relay import Relay, RelayOptions
     from outbox_cdc.settings import load_settings
-    from outbox_cdc.sources.wal import WalSource
+    from outbox_cdc.sources.base import Source
 
     try:
         settings = load_settings(config_file, **flags)
         _setup_logging(settings.log_level)
-        source = WalSource(settings.wal_source_options())
+        source: Source
+        if settings.polling:
+            from outbox_cdc.sources.polling import PollingSource
+
+            source = PollingSource(settings.polling_source_options())
+            origin = f"by polling {settings.dialect}"
+        else:
+            from outbox_cdc.sources.wal import WalSource
+
+            source = WalSource(settings.wal_source_options())
+            origin = f"from the WAL (slot {settings.slot})"
         kafka_options = settings.kafka_options()
         sink_class = _sink_class(settings.kafka_client)
     except ConfigurationError as exc:
@@ -129,6 +145,7 @@ def start(config_file: Path | None, **flags: Any) -> None:
             max_in_flight_bytes=settings.max_in_flight_bytes,
             dead_letter_topic=settings.dead_letter_topic,
             shutdown_timeout=settings.shutdown_timeout,
+            read_batch=max(2_000, settings.poll_batch_size + 2),
         ),
     )
 
@@ -142,10 +159,10 @@ def start(config_file: Path | None, **flags: Any) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.info(
-        "outbox-cdc %s: relaying %s (slot %s) to Kafka %s (%s)",
+        "outbox-cdc %s: relaying %s %s to Kafka %s (%s)",
         __version__,
-        settings.table,
-        settings.slot,
+        settings.outbox_table,
+        origin,
         settings.kafka_bootstrap_servers,
         settings.kafka_client,
     )
@@ -180,6 +197,11 @@ def _sink_class(kafka_client: str) -> Callable[[KafkaOptions], Sink]:
 @_table
 @_slot
 @click.option("--no-slot", is_flag=True, help="Do not create the replication slot")
+@click.option(
+    "--polling",
+    is_flag=True,
+    help="PostgreSQL in polling mode: create the polling index, and no slot",
+)
 @click.option("--print-sql", is_flag=True, help="Print the DDL instead of running it")
 @click.option(
     "--dialect",
@@ -191,12 +213,14 @@ def init(
     table: str | None,
     slot: str,
     no_slot: bool,
+    polling: bool,
     print_sql: bool,
     dialect: str | None,
 ) -> None:
     """Create the outbox table and (PostgreSQL) the replication slot, if missing."""
-    from outbox_cdc.admin import dialect_of, init_sql
     from outbox_cdc.admin import init as do_init
+    from outbox_cdc.admin import init_sql
+    from outbox_cdc.sources.polling_databases import dialect_of
 
     try:
         if dialect is None:
@@ -208,11 +232,12 @@ def init(
             dialect = dialect_of(database_url)
         if table is None:
             table = "public.outbox" if dialect == "postgresql" else "outbox"
+        slot_name = None if no_slot or polling or dialect != "postgresql" else slot
         if print_sql:
-            click.echo(init_sql(dialect, table, None if no_slot else slot), nl=False)
+            click.echo(init_sql(dialect, table, slot_name, polling), nl=False)
             return
         assert database_url is not None
-        for line in do_init(database_url, table, None if no_slot else slot):
+        for line in do_init(database_url, table, slot_name, polling):
             click.echo(line)
     except ConfigurationError as exc:
         _fail(exc, EXIT_CONFIG)

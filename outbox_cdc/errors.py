@@ -44,15 +44,27 @@ class EventDecodeError(OutboxError):
     dead-letters the event, if configured); it never skips it silently.
     """
 
-    def __init__(self, message: str, *, event_id: str | None = None, lsn: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        event_id: str | None = None,
+        lsn: str | None = None,
+        seq: int | None = None,
+    ):
         where = ", ".join(
             p
-            for p in (f"event {event_id}" if event_id else "", f"commit LSN {lsn}" if lsn else "")
+            for p in (
+                f"event {event_id}" if event_id else "",
+                f"commit LSN {lsn}" if lsn else "",
+                f"row seq {seq}" if seq is not None else "",
+            )
             if p
         )
         super().__init__(f"{message} ({where})" if where else message)
         self.event_id = event_id
         self.lsn = lsn
+        self.seq = seq
 
 
 class SourceError(OutboxError):
@@ -61,8 +73,13 @@ class SourceError(OutboxError):
     retriable = True
 
 
-class SlotInUseError(SourceError):
-    """Another process streams from the replication slot; this relay waits as a standby."""
+class SourceInUseError(SourceError):
+    """Another relay holds the source (the replication slot, or the polling lock of the table);
+    this relay waits as a standby and takes over when it is free."""
+
+
+class SlotInUseError(SourceInUseError):
+    """Another process streams from the replication slot."""
 
     def __init__(self, slot: str, pid: int | None) -> None:
         who = f"PID {pid}" if pid is not None else "another process"

@@ -26,11 +26,10 @@ from outbox_cdc.errors import (
     PermanentDeliveryError,
     PoisonEventError,
     SinkError,
-    SlotInUseError,
     SourceError,
+    SourceInUseError,
 )
 from outbox_cdc.events import KafkaRecord, OutboxEvent, to_record
-from outbox_cdc.protocol.lsn import format_lsn
 from outbox_cdc.protocol.progress import AckTracker, Transaction
 from outbox_cdc.sinks.base import Sink
 from outbox_cdc.sources.base import BEGIN, Commit, Source
@@ -167,7 +166,7 @@ class Relay:
             while not self._stopping.is_set():
                 try:
                     self._run_once(backoff)
-                except SlotInUseError as exc:
+                except SourceInUseError as exc:
                     self._set_state("standby", "standby: %s; waiting to take over", exc)
                     self._close_source()
                     self._sleep(self.options.standby_poll_interval)
@@ -178,20 +177,20 @@ class Relay:
                     delay = backoff.next()
                     if isinstance(exc, SinkError):
                         what = (
-                            "%s; nothing past %s is confirmed, the slot keeps the events; "
+                            "%s; nothing past %s is confirmed, the source keeps the events; "
                             "retrying with backoff (at most %.0fs)"
                         )
                     else:
                         self._salvage()
                         what = (
-                            "PostgreSQL: %s; delivered up to %s; reconnecting with backoff "
-                            "(at most %.0fs)"
+                            f"{self.source.name}: %s; delivered up to %s; reconnecting with "
+                            "backoff (at most %.0fs)"
                         )
                     self._set_state(
                         f"failing:{type(exc).__name__}",
                         what,
                         exc,
-                        format_lsn(max(self.tracker.confirmed, self.delivered)),
+                        self.source.describe(max(self.tracker.confirmed, self.delivered)),
                         self.options.backoff_max,
                         level=logging.ERROR,
                     )
@@ -212,7 +211,7 @@ class Relay:
         self._generation += 1
         self._in_flight_bytes = 0
         self._unackable = 0
-        self._set_state("streaming", "streaming from %s", format_lsn(start))
+        self._set_state("streaming", "streaming from %s", self.source.describe(start))
         backoff.reset()
         self._pump()
 
@@ -286,7 +285,7 @@ class Relay:
                 "confirmed; still trying",
                 now - self._waiting_since,
                 self.tracker.in_flight,
-                format_lsn(self.tracker.confirmed),
+                self.source.describe(self.tracker.confirmed),
                 level=logging.WARNING,
             )
 
@@ -476,4 +475,4 @@ class Relay:
             self._close_source()
             self._wake_r.close()
             self._wake_w.close()
-            log.info("stopped; slot confirmed at %s", format_lsn(self.tracker.confirmed))
+            log.info("stopped; confirmed up to %s", self.source.describe(self.tracker.confirmed))

@@ -26,13 +26,17 @@ def validate_table(table: str) -> str:
     return table
 
 
-def ddl(dialect: str, table: str) -> str:
-    """The DDL script for ``dialect`` with the outbox table name filled in."""
+def ddl(dialect: str, table: str, *, polling: bool = False) -> str:
+    """The DDL script for ``dialect`` with the outbox table name filled in. ``polling`` adds,
+    on PostgreSQL, the index the polling relay reads with (MySQL and SQLite always have it)."""
     if dialect not in DIALECTS:
         raise ValueError(f"unknown dialect {dialect!r}; expected one of {', '.join(DIALECTS)}")
     validate_table(table)
-    text = resources.files("outbox_cdc").joinpath("sql", f"{dialect}.sql").read_text("utf-8")
-    return text.replace("{table}", table)
+    sql = resources.files("outbox_cdc").joinpath("sql")
+    text = sql.joinpath(f"{dialect}.sql").read_text("utf-8")
+    if polling and dialect == "postgresql":
+        text += "\n" + sql.joinpath("postgresql-polling.sql").read_text("utf-8")
+    return text.replace("{table_name}", table.rsplit(".", 1)[-1]).replace("{table}", table)
 
 
 def statements(script: str) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,6 +22,8 @@ from pydantic_settings import (
 
 from outbox_cdc.errors import ConfigurationError
 from outbox_cdc.sinks.kafka import KafkaOptions
+from outbox_cdc.sources.polling import DEFAULT_RETENTION, PollingSourceOptions
+from outbox_cdc.sources.polling_databases import dialect_of
 from outbox_cdc.sources.wal import WalSourceOptions
 
 ENV_PREFIX = "OUTBOX_CDC_"
@@ -49,10 +51,17 @@ class Settings(BaseSettings):
 
     # -- database --------------------------------------------------------------------------------
     database_url: SecretStr = Field(
-        description="PostgreSQL URL of the database holding the outbox "
-        "(postgresql://user:password@host:5432/db)",
+        description="URL of the database holding the outbox: postgresql://user:password@host:5432/db"
+        ", mysql://user:password@host:3306/db (also mariadb://) or sqlite:////path/to/file.db",
     )
-    table: str = Field("public.outbox", description="outbox table, schema-qualified")
+    mode: Literal["auto", "wal", "polling"] = Field(
+        "auto",
+        description="wal: stream PostgreSQL's WAL (wal2json); polling: read pending rows; "
+        "auto: wal for PostgreSQL, polling for MySQL/MariaDB and SQLite",
+    )
+    table: str | None = Field(
+        None, description="outbox table (default public.outbox on PostgreSQL, else outbox)"
+    )
     slot: str = Field("outbox_cdc", description="logical replication slot (wal2json)")
     create_slot: bool = Field(True, description="create the slot when it is missing")
     message_prefix: str = Field(
@@ -61,6 +70,20 @@ class Settings(BaseSettings):
     )
     status_interval: float = Field(
         10.0, gt=0, le=300, description="seconds between status updates when idle"
+    )
+
+    # -- polling ---------------------------------------------------------------------------------
+    poll_interval: float = Field(
+        0.1, gt=0, le=60, description="polling: seconds between polls while the outbox is idle"
+    )
+    poll_batch_size: int = Field(
+        1000, ge=1, le=50_000, description="polling: rows read and published per batch"
+    )
+    retention: float = Field(
+        DEFAULT_RETENTION,
+        ge=0,
+        description="polling: seconds a published row is kept (published_at set) before the "
+        "clean-up deletes it; 0 deletes each row once Kafka acknowledged it",
     )
 
     # -- kafka -----------------------------------------------------------------------------------
@@ -102,15 +125,36 @@ class Settings(BaseSettings):
 
     @field_validator("database_url")
     @classmethod
-    def _postgres_url(cls, v: SecretStr) -> SecretStr:
-        url = v.get_secret_value()
-        scheme = url.split(":", 1)[0].split("+", 1)[0]
-        if scheme not in ("postgresql", "postgres"):
-            raise ValueError(
-                f"scheme {scheme!r} is not supported by the WAL relay: use "
-                "postgresql://user:password@host:port/dbname"
-            )
+    def _known_database(cls, v: SecretStr) -> SecretStr:
+        try:
+            dialect_of(v.get_secret_value())
+        except ConfigurationError as exc:
+            raise ValueError(str(exc).removeprefix("database_url: ")) from None
         return v
+
+    @model_validator(mode="after")
+    def _mode_fits_database(self) -> Settings:
+        dialect = self.dialect
+        if self.mode == "wal" and dialect != "postgresql":
+            raise ValueError(
+                f"mode (--mode / OUTBOX_CDC_MODE): wal needs PostgreSQL with wal2json, but "
+                f"database_url is {dialect}: use polling (or auto)"
+            )
+        return self
+
+    @property
+    def dialect(self) -> str:
+        return dialect_of(self.database_url.get_secret_value())
+
+    @property
+    def polling(self) -> bool:
+        return self.mode == "polling" or (self.mode == "auto" and self.dialect != "postgresql")
+
+    @property
+    def outbox_table(self) -> str:
+        if self.table:
+            return self.table
+        return "public.outbox" if self.dialect == "postgresql" else "outbox"
 
     @classmethod
     def settings_customise_sources(
@@ -138,10 +182,19 @@ class Settings(BaseSettings):
         return WalSourceOptions(
             dsn=self.postgres_dsn(),
             slot=self.slot,
-            table=self.table,
+            table=self.outbox_table,
             message_prefix=self.message_prefix or None,
             create_slot=self.create_slot,
             status_interval=self.status_interval,
+        )
+
+    def polling_source_options(self) -> PollingSourceOptions:
+        return PollingSourceOptions(
+            url=self.database_url.get_secret_value(),
+            table=self.outbox_table,
+            poll_interval=self.poll_interval,
+            batch_size=self.poll_batch_size,
+            retention=self.retention,
         )
 
     def kafka_options(self) -> KafkaOptions:
@@ -189,7 +242,10 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
 def describe_validation_error(exc: ValidationError) -> str:
     lines = ["invalid settings:"]
     for err in exc.errors():
-        name = ".".join(str(p) for p in err["loc"]) or "?"
+        if not err["loc"]:  # a rule across settings: its message names them
+            lines.append("  " + err["msg"].removeprefix("Value error, "))
+            continue
+        name = ".".join(str(p) for p in err["loc"])
         flag = "--" + name.replace("_", "-")
         env = ENV_PREFIX + name.upper()
         msg = err["msg"]

@@ -36,11 +36,15 @@ Item = _Begin | Commit | OutboxEvent | EventDecodeError
 class Source(Protocol):
     """Yields committed outbox events in commit order, and is told what was delivered.
 
+    Positions are integers that only grow: a WAL LSN for the WAL source, a batch number for the
+    polling source. ``name`` ("PostgreSQL", "MariaDB"...) and ``describe(position)`` are for
+    log lines.
+
     Contract:
 
     * ``open(resume_from)`` connects and starts after the last delivered position: the later of
       ``resume_from`` (what this process knows it delivered), the source's own durable record,
-      and the server's confirmed position. Raises ``SlotInUseError`` while another relay holds
+      and the server's confirmed position. Raises ``SourceInUseError`` while another relay holds
       the source, ``SourceError`` for connection failures, ``SlotInvalidatedError`` and
       ``ConfigurationError`` for what waiting cannot fix.
     * ``read(timeout, wake_fd, max_items)`` returns the next items in stream order: ``BEGIN``,
@@ -56,6 +60,10 @@ class Source(Protocol):
     * ``close()`` reports the final position and releases the connection. It never drops or
       resets the slot.
     """
+
+    name: str
+
+    def describe(self, position: int) -> str: ...
 
     def open(self, resume_from: int) -> int: ...
 

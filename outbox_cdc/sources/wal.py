@@ -85,6 +85,8 @@ def _describe(exc: BaseException) -> str:
 class WalSource:
     """See :class:`outbox_cdc.sources.base.Source` for the contract."""
 
+    name = "PostgreSQL"
+
     def __init__(self, options: WalSourceOptions) -> None:
         self.options = options
         self._decoder = wal2json.Wal2JsonDecoder(options.message_prefix)
@@ -102,6 +104,10 @@ class WalSource:
         self._reply_requested = False
         self._idle_pos: int | None = None
         self.started_at_lsn = 0
+
+    @staticmethod
+    def describe(position: int) -> str:
+        return format_lsn(position)
 
     # -- connection -----------------------------------------------------------------------------
 

@@ -11,7 +11,9 @@ CREATE TABLE IF NOT EXISTS {table} (
     content_type VARCHAR(255)  NOT NULL DEFAULT 'application/octet-stream',
     payload      LONGBLOB      NOT NULL,
     headers      LONGTEXT      NOT NULL,
-    published_at DATETIME(6)   NULL
+    published_at DATETIME(6)   NULL,
+    -- the polling relay's reads (pending rows in seq order) and its clean-up
+    KEY pending (published_at, seq)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 CREATE TABLE IF NOT EXISTS outbox_cdc_schema (

@@ -14,6 +14,9 @@ CREATE TABLE IF NOT EXISTS {table} (
     published_at TEXT
 );
 
+-- the polling relay reads pending rows in seq order through this index
+CREATE INDEX IF NOT EXISTS {table_name}_pending ON {table_name} (seq) WHERE published_at IS NULL;
+
 CREATE TABLE IF NOT EXISTS outbox_cdc_schema (
     table_name TEXT    PRIMARY KEY,
     version    INTEGER NOT NULL,

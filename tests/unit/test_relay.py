@@ -43,6 +43,8 @@ class FakeSource:
     """Serves scripted items; replays from the last confirmed position after a reconnect,
     like a replication slot does."""
 
+    name = "FakeDB"
+
     def __init__(self, items: list[Item], *, fail_open: list[Exception] | None = None) -> None:
         self.items = items
         self.fail_open = list(fail_open or [])
@@ -61,6 +63,10 @@ class FakeSource:
             if isinstance(item, Commit) and item.end == position:
                 return i + 1
         return 0
+
+    @staticmethod
+    def describe(position: int) -> str:
+        return f"#{position}"
 
     def open(self, resume_from: int) -> int:
         if self.fail_open:

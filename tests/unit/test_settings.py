@@ -50,7 +50,9 @@ def test_flags_override_environment_which_overrides_the_file(
             "kafka_linger_ms (--kafka-linger-ms / OUTBOX_CDC_KAFKA_LINGER_MS)",
         ),
         ("OUTBOX_CDC_KAFKA_MAX_IN_FLIGHT_REQUESTS", "9", "kafka_max_in_flight_requests"),
-        ("OUTBOX_CDC_DATABASE_URL", "mysql://u:s3cr3t-pw@h/db", "database_url"),
+        ("OUTBOX_CDC_DATABASE_URL", "oracle://u:s3cr3t-pw@h/db", "database_url"),
+        ("OUTBOX_CDC_RETENTION", "-1", "retention (--retention / OUTBOX_CDC_RETENTION)"),
+        ("OUTBOX_CDC_POLL_BATCH_SIZE", "0", "poll_batch_size"),
     ],
 )
 def test_invalid_settings_name_the_setting_and_hide_the_value(
@@ -61,6 +63,47 @@ def test_invalid_settings_name_the_setting_and_hide_the_value(
         load_settings(None)
     assert expected in str(info.value)
     assert "s3cr3t-pw" not in str(info.value)
+
+
+def test_wal_mode_with_a_database_without_logical_decoding_is_refused(
+    env: pytest.MonkeyPatch,
+) -> None:
+    env.setenv("OUTBOX_CDC_DATABASE_URL", "mysql://u:s3cr3t-pw@h/db")
+    env.setenv("OUTBOX_CDC_MODE", "wal")
+    with pytest.raises(ConfigurationError) as info:
+        load_settings(None)
+    message = str(info.value)
+    assert "mode (--mode / OUTBOX_CDC_MODE): wal needs PostgreSQL" in message
+    assert "use polling" in message
+    assert "s3cr3t-pw" not in message
+
+
+@pytest.mark.parametrize(
+    ("url", "mode", "polling", "table"),
+    [
+        ("postgresql://u:p@h/db", None, False, "public.outbox"),
+        ("postgresql://u:p@h/db", "polling", True, "public.outbox"),
+        ("mysql://u:p@h/db", None, True, "outbox"),
+        ("mariadb://u:p@h/db", "polling", True, "outbox"),
+        ("sqlite:////var/lib/app.db", None, True, "outbox"),
+    ],
+)
+def test_mode_auto_polls_every_database_but_postgresql(
+    env: pytest.MonkeyPatch, url: str, mode: str | None, polling: bool, table: str
+) -> None:
+    env.setenv("OUTBOX_CDC_DATABASE_URL", url)
+    s = load_settings(None, mode=mode)
+    assert s.polling is polling
+    assert s.outbox_table == table
+    if polling:
+        opts = s.polling_source_options()
+        assert (opts.table, opts.url, opts.batch_size, opts.retention) == (
+            table,
+            url,
+            1000,
+            7 * 24 * 3600,
+        )
+        assert "p@" not in repr(opts)
 
 
 def test_missing_required_settings_are_listed(env: pytest.MonkeyPatch) -> None:
