@@ -276,9 +276,75 @@ def _check_wal2json(conn: psycopg.Connection[Any], slot: str) -> Check:
             False,
             first,
             "install wal2json (Debian/Ubuntu: apt-get install postgresql-15-wal2json) "
-            "and check wal_level and max_replication_slots",
+            "and check wal_level and max_replication_slots; or, where logical decoding is not "
+            "available, relay by polling: --mode polling (docs/polling.md)",
         )
     return Check("wal2json", True, "wal2json output plugin loads")
+
+
+def polling_status(url: str, table: str) -> dict[str, Any]:
+    """Pending rows, age of the oldest, and which relay holds the poller lock."""
+    from outbox_cdc.sources.polling_databases import open_database
+
+    db = open_database(url, table)
+    db.connect()
+    try:
+        warnings = db.check_table()
+        count, oldest = db.pending()
+        free = db.try_lock()
+        holder = None if free else db.lock_holder()
+    finally:
+        db.close()  # also releases the lock if we took it
+    return {
+        "mode": "polling",
+        "database": db.name,
+        "table": table,
+        "pending_rows": count,
+        "oldest_pending_age_seconds": oldest,
+        "active_poller": holder,
+        "warnings": warnings,
+    }
+
+
+def preflight_polling(url: str, table: str) -> list[Check]:
+    from outbox_cdc.errors import OutboxError
+
+    try:
+        info = polling_status(url, table)
+    except OutboxError as exc:
+        missing = "does not exist" in str(exc)
+        return [
+            Check(
+                "outbox table" if missing else "database reachable",
+                False,
+                str(exc).removesuffix("; retrying"),
+                "run 'outbox-cdc init'"
+                if missing
+                else "check OUTBOX_CDC_DATABASE_URL (host, port, user, password, path)",
+            )
+        ]
+    checks = [
+        Check("database reachable", True, info["database"]),
+        Check("outbox table", True, f"{table} exists"),
+    ]
+    for warning in info["warnings"]:
+        checks.append(
+            Check("polling index", True, warning, "outbox-cdc init --polling", warning=True)
+        )
+    age = info["oldest_pending_age_seconds"]
+    checks.append(
+        Check(
+            "pending rows",
+            True,
+            f"{info['pending_rows']} pending"
+            + (f", oldest {age:.1f} s old" if age is not None else ""),
+        )
+    )
+    holder = info["active_poller"]
+    checks.append(
+        Check("poller", True, f"active: {holder}" if holder else "no relay polls this table now")
+    )
+    return checks
 
 
 def preflight_kafka(bootstrap_servers: str, client_config: dict[str, Any]) -> Check:

@@ -66,6 +66,15 @@ _table = click.option(
     default=None,
     help="Outbox table [default: public.outbox, or outbox outside PostgreSQL]",
 )
+_mode = click.option(
+    "--mode",
+    envvar="OUTBOX_CDC_MODE",
+    show_envvar=True,
+    type=click.Choice(["auto", "wal", "polling"]),
+    default="auto",
+    show_default=True,
+    help="wal (PostgreSQL + wal2json) or polling; auto: wal for PostgreSQL only",
+)
 _slot = click.option(
     "--slot",
     envvar="OUTBOX_CDC_SLOT",
@@ -245,6 +254,18 @@ def init(
         _fail(_one_line(exc), EXIT_FATAL)
 
 
+def _polling_and_table(url: str, mode: str, table: str | None) -> tuple[bool, str]:
+    from outbox_cdc.sources.polling_databases import dialect_of
+
+    dialect = dialect_of(url)
+    if mode == "wal" and dialect != "postgresql":
+        raise ConfigurationError(
+            f"mode (--mode / OUTBOX_CDC_MODE): wal needs PostgreSQL, not {dialect}"
+        )
+    polling = mode == "polling" or dialect != "postgresql"
+    return polling, table or ("public.outbox" if dialect == "postgresql" else "outbox")
+
+
 def _one_line(exc: BaseException) -> Exception:
     text = str(exc).strip().splitlines()
     return RuntimeError(f"{type(exc).__name__}: {text[0] if text else ''}")
@@ -252,11 +273,16 @@ def _one_line(exc: BaseException) -> Exception:
 
 @main.command()
 @_db_url
+@_table
 @_slot
+@_mode
 @click.option("--json", "as_json", is_flag=True, help="Print JSON")
-def status(database_url: str | None, slot: str, as_json: bool) -> None:
-    """Show the slot: confirmed LSN, retained WAL, lag, active process."""
-    from outbox_cdc.admin import slot_status
+def status(
+    database_url: str | None, table: str | None, slot: str, mode: str, as_json: bool
+) -> None:
+    """WAL: the slot's confirmed LSN, retained WAL, lag, active process. Polling: pending rows,
+    age of the oldest, the active relay."""
+    from outbox_cdc.admin import polling_status, slot_status
 
     if not database_url:
         _fail(
@@ -267,9 +293,29 @@ def status(database_url: str | None, slot: str, as_json: bool) -> None:
         )
         return
     try:
-        info = slot_status(database_url, slot)
+        polling, table = _polling_and_table(database_url, mode, table)
+        info = polling_status(database_url, table) if polling else slot_status(database_url, slot)
+    except ConfigurationError as exc:
+        _fail(exc, EXIT_CONFIG)
+        return
     except Exception as exc:
         _fail(_one_line(exc), EXIT_FATAL)
+        return
+    if polling:
+        if as_json:
+            click.echo(json.dumps(info, indent=2, default=str))
+            return
+        age = info["oldest_pending_age_seconds"]
+        rows = [
+            ("table", f"{table} ({info['database']}, polling)"),
+            ("pending rows", info["pending_rows"]),
+            ("oldest pending", "none" if age is None else f"{age:.1f} s old"),
+            ("active relay", info["active_poller"] or "none (no relay polls this table)"),
+        ]
+        for name, value in rows:
+            click.echo(f"{name:>18}: {value}")
+        for warning in info["warnings"]:
+            click.echo(f"warning: {warning}")
         return
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
@@ -301,6 +347,7 @@ def status(database_url: str | None, slot: str, as_json: bool) -> None:
 @_db_url
 @_table
 @_slot
+@_mode
 @click.option(
     "--kafka-bootstrap-servers",
     envvar="OUTBOX_CDC_KAFKA_BOOTSTRAP_SERVERS",
@@ -312,11 +359,13 @@ def check(
     database_url: str | None,
     table: str | None,
     slot: str,
+    mode: str,
     kafka_bootstrap_servers: str | None,
     as_json: bool,
 ) -> None:
-    """Preflight: wal_level, wal2json, role, table, slot, Kafka. Each failure with its fix."""
-    from outbox_cdc.admin import Check, preflight_kafka, preflight_postgres
+    """Preflight: wal_level, wal2json, role, table, slot (polling: table, index, pending rows,
+    active relay), Kafka. Each failure with its fix."""
+    from outbox_cdc.admin import Check, preflight_kafka, preflight_polling, preflight_postgres
 
     checks: list[Check] = []
     if not database_url:
@@ -326,7 +375,15 @@ def check(
             )
         )
     else:
-        checks.extend(preflight_postgres(database_url, table or "public.outbox", slot))
+        try:
+            polling, table = _polling_and_table(database_url, mode, table)
+        except ConfigurationError as exc:
+            _fail(exc, EXIT_CONFIG)
+            return
+        if polling:
+            checks.extend(preflight_polling(database_url, table))
+        else:
+            checks.extend(preflight_postgres(database_url, table, slot))
     if kafka_bootstrap_servers:
         checks.append(preflight_kafka(kafka_bootstrap_servers, {}))
     failed = [c for c in checks if not c.ok]

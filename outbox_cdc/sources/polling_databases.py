@@ -100,6 +100,8 @@ class PollingDatabase(Protocol):
       committed when it returns.
     * ``cleanup(retention, window)`` deletes, among the ``window`` lowest seqs, the rows
       published more than ``retention`` seconds ago; returns how many; committed.
+    * ``pending()``: how many rows wait for publication, and the age in seconds of the oldest
+      (None when there is none); for ``status`` and metrics, not for the relay's decisions.
     * Every method raises ``SourceError`` when the database fails.
     """
 
@@ -121,6 +123,8 @@ class PollingDatabase(Protocol):
     def delete(self, seqs: Sequence[int]) -> None: ...
 
     def cleanup(self, retention: float, window: int) -> int: ...
+
+    def pending(self) -> tuple[int, float | None]: ...
 
     def close(self) -> None: ...
 
@@ -237,6 +241,14 @@ class PostgresDatabase:
         cur = self._run("cleaning up", self._cleanup, (hi[0], retention))
         return int(cur.rowcount or 0)
 
+    def pending(self) -> tuple[int, float | None]:
+        row = self._run(
+            "counting pending rows",
+            f"SELECT count(*), extract(epoch FROM now() - min(created_at))::float8 FROM"
+            f" {self.table} WHERE published_at IS NULL",
+        ).fetchone()
+        return int(row[0]), (None if row[1] is None else max(0.0, float(row[1])))
+
     def close(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(Exception):
@@ -348,6 +360,14 @@ class MySqlDatabase:
             return 0
         cur = self._run("cleaning up", self._cleanup, (hi[0], int(retention * 1_000_000)))
         return int(cur.rowcount or 0)
+
+    def pending(self) -> tuple[int, float | None]:
+        row = self._run(
+            "counting pending rows",
+            "SELECT count(*), TIMESTAMPDIFF(MICROSECOND, min(created_at), UTC_TIMESTAMP(6))"
+            f" FROM {self.table} WHERE published_at IS NULL",
+        ).fetchone()
+        return int(row[0]), (None if row[1] is None else max(0.0, int(row[1]) / 1e6))
 
     def close(self) -> None:
         if self._conn is not None:
@@ -461,6 +481,15 @@ class SqliteDatabase:
             return 0
         cur = self._run("cleaning up", self._cleanup, (hi[0], f"-{retention:.3f} seconds"))
         return int(cur.rowcount or 0)
+
+    def pending(self) -> tuple[int, float | None]:
+        row = self._run(
+            "counting pending rows",
+            "SELECT count(*), (julianday('now') - julianday(min(created_at))) * 86400.0"
+            f" FROM {self.table} WHERE published_at IS NULL",
+        ).fetchone()
+        assert row is not None
+        return int(row[0]), (None if row[1] is None else max(0.0, float(row[1])))
 
     def close(self) -> None:
         if self._conn is not None:

@@ -127,6 +127,10 @@ class FakeDatabase:
         self.cleanups += 1
         return 0
 
+    def pending(self) -> tuple[int, float | None]:
+        rows = [r for r in self.state["rows"].values() if r["committed"] and not r["published"]]
+        return len(rows), (0.0 if rows else None)
+
     def close(self) -> None:
         if self.state["lock"] == id(self):
             self.state["lock"] = None
