@@ -26,8 +26,10 @@ def slot_sql(slot: str) -> str:
     )
 
 
-def init_sql(dialect: str, table: str, slot: str | None, polling: bool = False) -> str:
-    script = ddl(dialect, table, polling=polling)
+def init_sql(
+    dialect: str, table: str, slot: str | None, polling: bool = False, notify: bool = False
+) -> str:
+    script = ddl(dialect, table, polling=polling, notify=notify)
     if dialect == "postgresql" and slot:
         script += "\n-- the WAL relay's logical replication slot (wal2json)\n" + slot_sql(slot)
     return script
@@ -44,7 +46,9 @@ def _pg_dsn(url: str) -> str:
     return "postgresql:" + rest if "+" in scheme else url
 
 
-def init(url: str, table: str, slot: str | None, polling: bool = False) -> list[str]:
+def init(
+    url: str, table: str, slot: str | None, polling: bool = False, notify: bool = False
+) -> list[str]:
     """Create what is missing: outbox table, bookkeeping tables, and (PostgreSQL) the slot.
     Idempotent. Returns what it did, for the user."""
     dialect = dialect_of(url)
@@ -52,8 +56,10 @@ def init(url: str, table: str, slot: str | None, polling: bool = False) -> list[
     if dialect == "postgresql":
         with psycopg.connect(_pg_dsn(url), autocommit=True) as conn:
             existed = _pg_table_exists(conn, table)
-            for stmt in statements(ddl(dialect, table, polling=polling)):
+            for stmt in statements(ddl(dialect, table, polling=polling, notify=notify)):
                 conn.execute(stmt)
+            if notify:
+                done.append(f"trigger {table.rsplit('.', 1)[-1]}_notify: present")
             done.append(f"table {table}: {'already present' if existed else 'created'}")
             if slot:
                 row = conn.execute(

@@ -211,6 +211,11 @@ def _sink_class(kafka_client: str) -> Callable[[KafkaOptions], Sink]:
     is_flag=True,
     help="PostgreSQL in polling mode: create the polling index, and no slot",
 )
+@click.option(
+    "--notify",
+    is_flag=True,
+    help="With --polling: add the trigger whose NOTIFY wakes the relay (poll_notify)",
+)
 @click.option("--print-sql", is_flag=True, help="Print the DDL instead of running it")
 @click.option(
     "--dialect",
@@ -223,6 +228,7 @@ def init(
     slot: str,
     no_slot: bool,
     polling: bool,
+    notify: bool,
     print_sql: bool,
     dialect: str | None,
 ) -> None:
@@ -241,12 +247,14 @@ def init(
             dialect = dialect_of(database_url)
         if table is None:
             table = "public.outbox" if dialect == "postgresql" else "outbox"
+        if notify and (not polling or dialect != "postgresql"):
+            raise ConfigurationError("--notify: only with --polling on PostgreSQL")
         slot_name = None if no_slot or polling or dialect != "postgresql" else slot
         if print_sql:
-            click.echo(init_sql(dialect, table, slot_name, polling), nl=False)
+            click.echo(init_sql(dialect, table, slot_name, polling, notify), nl=False)
             return
         assert database_url is not None
-        for line in do_init(database_url, table, slot_name, polling):
+        for line in do_init(database_url, table, slot_name, polling, notify):
             click.echo(line)
     except ConfigurationError as exc:
         _fail(exc, EXIT_CONFIG)

@@ -26,9 +26,10 @@ def validate_table(table: str) -> str:
     return table
 
 
-def ddl(dialect: str, table: str, *, polling: bool = False) -> str:
+def ddl(dialect: str, table: str, *, polling: bool = False, notify: bool = False) -> str:
     """The DDL script for ``dialect`` with the outbox table name filled in. ``polling`` adds,
-    on PostgreSQL, the index the polling relay reads with (MySQL and SQLite always have it)."""
+    on PostgreSQL, the index the polling relay reads with (MySQL and SQLite always have it);
+    ``notify`` the trigger that wakes a polling relay (PostgreSQL only)."""
     if dialect not in DIALECTS:
         raise ValueError(f"unknown dialect {dialect!r}; expected one of {', '.join(DIALECTS)}")
     validate_table(table)
@@ -36,12 +37,22 @@ def ddl(dialect: str, table: str, *, polling: bool = False) -> str:
     text = sql.joinpath(f"{dialect}.sql").read_text("utf-8")
     if polling and dialect == "postgresql":
         text += "\n" + sql.joinpath("postgresql-polling.sql").read_text("utf-8")
+    if notify and dialect == "postgresql":
+        text += "\n" + sql.joinpath("postgresql-notify.sql").read_text("utf-8")
     return text.replace("{table_name}", table.rsplit(".", 1)[-1]).replace("{table}", table)
 
 
 def statements(script: str) -> list[str]:
     """Split a DDL script into statements (our files end each statement with ';' + newline and
-    keep ';' out of comments and literals)."""
+    keep ';' out of comments and literals; a ``$$``-quoted function body is kept whole)."""
     lines = [ln for ln in script.splitlines() if not ln.lstrip().startswith("--")]
-    parts = "\n".join(lines).split(";\n")
-    return [p.strip().rstrip(";") for p in parts if p.strip()]
+    out: list[str] = []
+    pending = ""
+    for part in "\n".join(lines).split(";\n"):
+        pending = f"{pending};\n{part}" if pending else part
+        if pending.count("$$") % 2 == 0:  # not inside a dollar-quoted body
+            out.append(pending)
+            pending = ""
+    if pending:
+        out.append(pending)
+    return [p.strip().rstrip(";") for p in out if p.strip()]

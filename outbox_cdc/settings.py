@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     poll_batch_size: int = Field(
         1000, ge=1, le=50_000, description="polling: rows read and published per batch"
     )
+    poll_notify: bool = Field(
+        False,
+        description="polling on PostgreSQL: also wake up on the NOTIFY sent by the trigger of "
+        "'outbox-cdc init --polling --notify'",
+    )
     retention: float = Field(
         DEFAULT_RETENTION,
         ge=0,
@@ -195,6 +200,7 @@ class Settings(BaseSettings):
             poll_interval=self.poll_interval,
             batch_size=self.poll_batch_size,
             retention=self.retention,
+            notify=self.poll_notify,
         )
 
     def kafka_options(self) -> KafkaOptions:

@@ -50,6 +50,7 @@ class PollingSourceOptions:
     batch_size: int = 1000
     batch_max_bytes: int = 16 * 1024 * 1024
     retention: float = DEFAULT_RETENTION  # seconds a published row is kept; 0: delete it
+    notify: bool = False  # PostgreSQL: wake up on the NOTIFY of init --polling --notify
     cleanup_interval: float = 10.0
     cleanup_window: int = 1000
     cleanup_budget: float = 0.5  # seconds of clean-up per round, so polling is never held up
@@ -125,7 +126,9 @@ class PollingSource:
 
     def __init__(self, options: PollingSourceOptions, database: PollingDatabase | None = None):
         self.options = options
-        self.db = database or open_database(options.url, options.table, options.connect_timeout)
+        self.db = database or open_database(
+            options.url, options.table, options.connect_timeout, options.notify
+        )
         self.name = self.db.name
         self._open = False
         self._position = 0  # number of the last batch handed to the relay
@@ -167,10 +170,11 @@ class PollingSource:
             else f"kept {self.options.retention:g}s after publication"
         )
         log.info(
-            "polling %s on %s every %gs, batches of up to %d rows; rows are %s",
+            "polling %s on %s every %gs%s, batches of up to %d rows; rows are %s",
             self.options.table,
             self.name,
             self.options.poll_interval,
+            " and on NOTIFY" if self.options.notify else "",
             self.options.batch_size,
             kept,
         )
@@ -196,7 +200,11 @@ class PollingSource:
             self._cleanup()
             now = time.monotonic()
         if now < self._next_poll:
-            _wait(wake_fd, min(timeout, self._next_poll - now))
+            db_fd = self.db.wake_fd()
+            fds = (wake_fd,) if db_fd is None else (wake_fd, db_fd)
+            ready = _wait_any(fds, min(timeout, self._next_poll - now))
+            if db_fd in ready and self.db.drain_wake():
+                self._next_poll = 0.0  # a new row was announced: poll now
             now = time.monotonic()
             if now < self._next_poll:
                 return []
@@ -281,3 +289,7 @@ class PollingSource:
 def _wait(fd: int, timeout: float) -> None:
     if timeout > 0:
         select.select([fd], [], [], timeout)
+
+
+def _wait_any(fds: tuple[int, ...], timeout: float) -> list[int]:
+    return select.select(fds, [], [], max(0.0, timeout))[0]

@@ -100,6 +100,9 @@ class PollingDatabase(Protocol):
       committed when it returns.
     * ``cleanup(retention, window)`` deletes, among the ``window`` lowest seqs, the rows
       published more than ``retention`` seconds ago; returns how many; committed.
+    * ``wake_fd()``: a file descriptor that becomes readable when new rows may be pending
+      (PostgreSQL with LISTEN), or None; ``drain_wake()`` consumes what made it readable and
+      says whether a new row was announced.
     * ``pending()``: how many rows wait for publication, and the age in seconds of the oldest
       (None when there is none); for ``status`` and metrics, not for the relay's decisions.
     * Every method raises ``SourceError`` when the database fails.
@@ -126,6 +129,10 @@ class PollingDatabase(Protocol):
 
     def pending(self) -> tuple[int, float | None]: ...
 
+    def wake_fd(self) -> int | None: ...
+
+    def drain_wake(self) -> bool: ...
+
     def close(self) -> None: ...
 
 
@@ -142,11 +149,20 @@ def _chunks(seqs: Sequence[int]) -> list[Sequence[int]]:
 # -- PostgreSQL ----------------------------------------------------------------------------------
 
 
+NOTIFY_CHANNEL = "outbox_cdc"
+
+
 class PostgresDatabase:
+    """``listen``: LISTEN on ``outbox_cdc``, where the trigger of ``outbox-cdc init --polling
+    --notify`` sends the table's name after each INSERT statement (sql/postgresql-notify.sql)."""
+
     name = "PostgreSQL"
 
-    def __init__(self, dsn: str, table: str, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self, dsn: str, table: str, connect_timeout: float = 10.0, listen: bool = False
+    ) -> None:
         self.dsn = dsn
+        self.listen = listen
         self.table = table if "." in table else f"public.{table}"
         self.connect_timeout = connect_timeout
         self._conn: Any = None
@@ -185,6 +201,29 @@ class PostgresDatabase:
             )
         except psycopg.Error as exc:
             raise SourceError(f"cannot connect to PostgreSQL: {_describe(exc)}") from None
+        if self.listen:
+            self._run("LISTEN", f"LISTEN {NOTIFY_CHANNEL}")
+
+    def wake_fd(self) -> int | None:
+        if not self.listen or self._conn is None:
+            return None
+        return int(self._conn.pgconn.socket)
+
+    def drain_wake(self) -> bool:
+        """Read the notifications that arrived while idle (libpq buffers them until asked)."""
+        import psycopg
+
+        if self._conn is None:
+            return False
+        pgconn = self._conn.pgconn
+        try:
+            pgconn.consume_input()
+        except psycopg.Error as exc:
+            raise SourceError(f"PostgreSQL connection lost: {_describe(exc)}") from None
+        ours = False
+        while (n := pgconn.notifies()) is not None:
+            ours = ours or n.extra.decode(errors="replace") == self.table
+        return ours
 
     def try_lock(self) -> bool:
         row = self._run("taking the poller lock", "SELECT pg_try_advisory_lock(%s)", (self._key,))
@@ -361,6 +400,12 @@ class MySqlDatabase:
         cur = self._run("cleaning up", self._cleanup, (hi[0], int(retention * 1_000_000)))
         return int(cur.rowcount or 0)
 
+    def wake_fd(self) -> int | None:
+        return None
+
+    def drain_wake(self) -> bool:
+        return False
+
     def pending(self) -> tuple[int, float | None]:
         row = self._run(
             "counting pending rows",
@@ -482,6 +527,12 @@ class SqliteDatabase:
         cur = self._run("cleaning up", self._cleanup, (hi[0], f"-{retention:.3f} seconds"))
         return int(cur.rowcount or 0)
 
+    def wake_fd(self) -> int | None:
+        return None
+
+    def drain_wake(self) -> bool:
+        return False
+
     def pending(self) -> tuple[int, float | None]:
         row = self._run(
             "counting pending rows",
@@ -502,13 +553,19 @@ class SqliteDatabase:
             self._lock_fd = -1
 
 
-def open_database(url: str, table: str, connect_timeout: float = 10.0) -> PollingDatabase:
-    """The adapter for ``url``'s database (not connected yet)."""
+def open_database(
+    url: str, table: str, connect_timeout: float = 10.0, listen: bool = False
+) -> PollingDatabase:
+    """The adapter for ``url``'s database (not connected yet). ``listen``: PostgreSQL only."""
     dialect = dialect_of(url)
+    if listen and dialect != "postgresql":
+        raise ConfigurationError(
+            f"poll_notify: LISTEN/NOTIFY exists on PostgreSQL only, not {dialect}; unset it"
+        )
     if dialect == "postgresql":
         scheme, rest = url.split(":", 1)
         dsn = "postgresql:" + rest if "+" in scheme else url
-        return PostgresDatabase(dsn, table, connect_timeout)
+        return PostgresDatabase(dsn, table, connect_timeout, listen)
     if dialect == "mysql":
         return MySqlDatabase(url, table, connect_timeout)
     return SqliteDatabase(sqlite_path(url), table, busy_timeout=max(5.0, connect_timeout * 3))

@@ -4,6 +4,7 @@ in-memory sink under concurrent producers. Kafka is covered in tests/acceptance.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -295,3 +296,48 @@ def test_concurrent_producers_everything_once_in_key_order(db: Db, retention: fl
     assert pending(db) == []
     remaining = db.sql(f"SELECT count(*) FROM {db.table}")[0][0]
     assert remaining == (0 if retention == 0 else total)
+
+
+@pytest.mark.postgres
+def test_postgres_notify_wakes_the_poller_long_before_the_poll_interval(
+    postgres_url: str, unique_name: Callable[[str], str]
+) -> None:
+    """With ``init --polling --notify`` and ``poll_notify``, a commit is picked up at once even
+    with a 30 s poll interval; the notification of another table does not trigger a poll."""
+    table = f"public.{unique_name('poll_notify')}"
+    other = f"public.{unique_name('poll_other')}"
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        for t in (table, other):
+            for stmt in statements(ddl("postgresql", t, polling=True, notify=True)):
+                conn.execute(stmt)
+    source = PollingSource(
+        PollingSourceOptions(
+            url=postgres_url, table=table, poll_interval=30.0, retention=0.0, notify=True
+        )
+    )
+    wake_r, wake_w = os.pipe()
+    try:
+        source.open(0)
+        assert source.read(0.5, wake_r, 100) == []  # first poll: empty; the next is 30 s away
+        with psycopg.connect(postgres_url) as producer:
+            publish_pg(producer, other)
+        started = time.monotonic()
+        assert source.read(0.5, wake_r, 100) == []  # another table's NOTIFY: no poll
+        with psycopg.connect(postgres_url) as producer:
+            publish_pg(producer, table)
+        items: list[Any] = []
+        while not items and time.monotonic() - started < 5:
+            items = source.read(0.5, wake_r, 100)
+        assert len(items) == 3, "the NOTIFY did not wake the poller"
+        assert time.monotonic() - started < 5
+    finally:
+        source.close()
+        os.close(wake_r)
+        os.close(wake_w)
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            for t in (table, other):
+                conn.execute(f"DROP TABLE IF EXISTS {t}")
+
+
+def publish_pg(conn: Any, table: str) -> None:
+    Outbox(table, capture_trace_context=False).publish(conn, topic="t", type="x", payload=b"1")

@@ -486,3 +486,14 @@ def test_create_event_is_the_same_validation() -> None:
         topic="t", type="x", payload=b"1", now=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     )
     assert event.created_at == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+def test_ddl_statements_keep_dollar_quoted_function_bodies_whole() -> None:
+    from outbox_cdc.schema import ddl, statements
+
+    stmts = statements(ddl("postgresql", "public.outbox", polling=True, notify=True))
+    (function,) = [s for s in stmts if "CREATE OR REPLACE FUNCTION" in s]
+    assert function.rstrip().endswith("$$")
+    assert "RETURN NULL;" in function
+    assert any(s.startswith("CREATE OR REPLACE TRIGGER outbox_notify") for s in stmts)
+    assert any(s.startswith("CREATE INDEX IF NOT EXISTS outbox_pending") for s in stmts)

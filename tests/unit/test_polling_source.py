@@ -127,6 +127,12 @@ class FakeDatabase:
         self.cleanups += 1
         return 0
 
+    def wake_fd(self) -> int | None:
+        return None
+
+    def drain_wake(self) -> bool:
+        return False
+
     def pending(self) -> tuple[int, float | None]:
         rows = [r for r in self.state["rows"].values() if r["committed"] and not r["published"]]
         return len(rows), (0.0 if rows else None)
