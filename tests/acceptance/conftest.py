@@ -1,4 +1,6 @@
-"""Fixtures of the WAL relay acceptance suite (on top of tests/conftest.py).
+"""Fixtures of the relay acceptance suite (on top of tests/conftest.py).
+
+WAL mode (PostgreSQL):
 
 * ``outbox_table``  a fresh outbox table (schema v1) of its own per test, dropped at teardown;
 * ``topic``         ``kafka_topic`` created with 4 partitions (per-key order means something);
@@ -7,6 +9,19 @@
                     CLIENTS, indirect=True)``); ``confluent`` skips when not installed;
 * ``relays``        factory of relay processes on that table, slot and database, each killed at
                     teardown; their logs are attached to the report of a failing test.
+
+Polling mode, each test once per backend of ``POLLING_BACKENDS`` (``mariadb``, ``sqlite``,
+``postgres`` = PostgreSQL with ``OUTBOX_CDC_MODE=polling``); a test limits the backends with
+``@pytest.mark.parametrize("polling_backend", [...], indirect=True)``:
+
+* ``polling_backend``  the backend's name;
+* ``polling_db``       its :class:`~tests.acceptance.harness.Database` (a SQLite file in
+                       ``tmp_path``, in WAL journal mode);
+* ``polling_url``      the relay's ``OUTBOX_CDC_DATABASE_URL``;
+* ``polling_table``    a fresh outbox table of the test's own, dropped at teardown;
+* ``polling_connect``  a new producer connection (psycopg, PyMySQL or sqlite3; not autocommit);
+* ``polling_relays``   ``polling_relays(name="relay", **settings)``: like ``relays``, on that
+                       table and the ``topic``.
 """
 
 from __future__ import annotations
@@ -18,7 +33,11 @@ from typing import Any
 import pytest
 
 from tests.acceptance.harness import (
+    Database,
+    MariaDatabase,
+    PostgresDatabase,
     RelayProcess,
+    SqliteDatabase,
     create_outbox_table,
     drop_outbox_table,
     ensure_topic,
@@ -92,6 +111,95 @@ def relays(
             bootstrap=kafka_bootstrap,
             table=outbox_table,
             slot=replication_slot,
+            kafka_client=kafka_client,
+            **settings,
+        )
+        relay = RelayProcess(env, tmp_path / "logs", name)
+        made.append(relay)
+        return relay
+
+    yield make
+    for relay in made:
+        relay.kill()
+
+
+# ------------------------------------------------------------------------------------------
+# polling mode
+# ------------------------------------------------------------------------------------------
+
+MARIADB = pytest.param("mariadb", marks=pytest.mark.mysql, id="mariadb")
+SQLITE = pytest.param("sqlite", id="sqlite")
+POSTGRES = pytest.param("postgres", marks=pytest.mark.postgres, id="postgres")
+POLLING_BACKENDS = [MARIADB, SQLITE, POSTGRES]
+
+
+@pytest.fixture(params=POLLING_BACKENDS)
+def polling_backend(request: pytest.FixtureRequest) -> str:
+    backend: str = request.param
+    return backend
+
+
+@pytest.fixture
+def polling_db(request: pytest.FixtureRequest, polling_backend: str, tmp_path: Path) -> Database:
+    """The backend's database; only that backend's service is required."""
+    if polling_backend == "mariadb":
+        return MariaDatabase(request.getfixturevalue("mysql_url"))
+    if polling_backend == "postgres":
+        return PostgresDatabase(request.getfixturevalue("postgres_url"))
+    assert polling_backend == "sqlite", polling_backend
+    return SqliteDatabase(tmp_path / "outbox.sqlite3")
+
+
+@pytest.fixture
+def polling_url(polling_db: Database) -> str:
+    return polling_db.url
+
+
+@pytest.fixture
+def polling_table(polling_db: Database, unique_name: Callable[[str], str]) -> Iterator[str]:
+    """A new outbox table, created with the project's DDL for polling (``public.<unique>`` in
+    PostgreSQL, with the pending-rows index of ``init --polling``; a plain name in MariaDB and
+    SQLite)."""
+    name = unique_name("outbox")
+    table = f"public.{name}" if polling_db.dialect == "postgresql" else name
+    polling_db.create_table(table, polling=True)
+    yield table
+    polling_db.drop_table(table)
+
+
+@pytest.fixture
+def polling_connect(polling_db: Database) -> Callable[[], Any]:
+    return polling_db.connect
+
+
+@pytest.fixture
+def polling_relays(
+    request: pytest.FixtureRequest,
+    kafka_client: str,
+    tmp_path: Path,
+    polling_db: Database,
+    kafka_bootstrap: str,
+    polling_table: str,
+    topic: str,
+    unique_name: Callable[[str], str],
+) -> Iterator[Callable[..., RelayProcess]]:
+    """``polling_relays(name="relay", **settings)``: a polling relay process (not started) for
+    this test's table; ``settings`` become ``OUTBOX_CDC_<NAME>`` variables. PostgreSQL gets
+    ``OUTBOX_CDC_MODE=polling``; MariaDB and SQLite rely on the default mode (auto). The slot
+    and message prefix (ignored when polling) are a unique name, never created. Killed at
+    teardown, before the table and topic go."""
+    made: list[RelayProcess] = []
+    request.node.stash[_RELAYS] = made
+    slot = unique_name("unused_slot")
+
+    def make(name: str = "relay", **settings: object) -> RelayProcess:
+        if polling_db.dialect == "postgresql":
+            settings.setdefault("mode", "polling")
+        env = relay_env(
+            database_url=polling_db.url,
+            bootstrap=kafka_bootstrap,
+            table=polling_table,
+            slot=slot,
             kafka_client=kafka_client,
             **settings,
         )

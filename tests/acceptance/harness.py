@@ -1,14 +1,18 @@
-"""Acceptance harness for the WAL relay: the relay as a real process, a load generator that knows
-exactly what it committed, and a checker that reads the Kafka topic back.
+"""Acceptance harness for the relay (WAL and polling modes): the relay as a real process, a load
+generator that knows exactly what it committed, and a checker that reads the Kafka topic back.
 
 * :class:`RelayProcess` runs ``python -m outbox_cdc.cli start`` with ``OUTBOX_CDC_*`` settings,
   its stderr in a log file per run (attached to failing tests by ``conftest.py``).
-* :class:`LoadGenerator`: N producer threads, each with its own psycopg connection, writing
+* :class:`Database`: one database the outbox lives in, for the three backends of the relay:
+  :class:`PostgresDatabase` (psycopg), :class:`MariaDatabase` (PyMySQL) and
+  :class:`SqliteDatabase` (sqlite3, a file in WAL journal mode). It connects producers, creates
+  and drops outbox tables with the project's DDL and gives the relay its database URL.
+* :class:`LoadGenerator`: N producer threads, each with its own connection, writing
   events with ``Outbox(table).publish`` in transactions of 1..``max_batch`` events, every
   ``rollback_every``-th transaction of a thread rolled back. Keys are assigned to threads
   (``key i`` belongs to thread ``i % threads``), so the commit order of a key is the order of
   one thread's commits and is well defined. With ``tolerate_restarts`` a thread survives a
-  PostgreSQL restart: a transaction that failed before COMMIT did not commit; a COMMIT that
+  database server restart: a transaction that failed before COMMIT did not commit; a COMMIT that
   raised has an unknown outcome, settled after reconnecting by looking its ids up. A
   transaction that did not commit is retried under new ids (the old ids must never appear).
 * :func:`read_topic` + :func:`check`: consume the topic from the beginning (no group, every
@@ -23,6 +27,7 @@ import os
 import random
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -36,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pymysql
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewPartitions, NewTopic
 from kafka.errors import TopicAlreadyExistsError
@@ -43,11 +49,10 @@ from kafka.errors import TopicAlreadyExistsError
 from outbox_cdc import Outbox
 from outbox_cdc.schema import ddl, statements
 from tests.support.postgres import lsn_to_int
+from tests.support.services import mysql_connect_kwargs
 
 EVENT_TYPE = "acceptance.event"
 CONTENT_TYPE = "application/json"
-# what a server restart raises: the server closed the connection, or it was already closed
-_CONNECTION_LOST = (psycopg.OperationalError, psycopg.InterfaceError)
 
 # ------------------------------------------------------------------------------------------
 # the relay process
@@ -222,16 +227,12 @@ def slot_row(admin_url: str, slot: str) -> dict[str, Any] | None:
 
 
 def create_outbox_table(dsn: str, table: str) -> None:
-    """The project's outbox DDL (schema v1) for ``table``."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        for stmt in statements(ddl("postgresql", table)):
-            conn.execute(stmt)
+    """The project's outbox DDL (schema v1) for ``table`` in PostgreSQL."""
+    PostgresDatabase(dsn).create_table(table)
 
 
 def drop_outbox_table(dsn: str, table: str) -> None:
-    with psycopg.connect(dsn, autocommit=True, connect_timeout=30) as conn:
-        conn.execute(f"DROP TABLE IF EXISTS {table}")
-        conn.execute("DELETE FROM outbox_cdc_schema WHERE table_name = %s", (table,))
+    PostgresDatabase(dsn).drop_table(table)
 
 
 def create_logical_slot(admin_url: str, slot: str) -> None:
@@ -273,6 +274,204 @@ def marker_commit_end(admin_url: str, slot: str, table: str, event_id: str) -> i
 
 
 # ------------------------------------------------------------------------------------------
+# the databases: PostgreSQL, MariaDB, SQLite
+# ------------------------------------------------------------------------------------------
+
+
+def fetch_all(conn: Any, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+    """Run ``sql`` on ``conn`` (psycopg, PyMySQL or sqlite3) in its current transaction."""
+    args = tuple(params)
+    cur = conn.cursor()
+    try:
+        if args:
+            cur.execute(sql, args)
+        else:  # no parameters: the drivers then leave a literal % alone
+            cur.execute(sql)
+        return [tuple(row) for row in cur.fetchall()]
+    finally:
+        cur.close()
+
+
+class Database:
+    """A database holding outbox tables, as producers and the relay see it.
+
+    ``dialect`` is the project's DDL dialect (``postgresql``, ``mysql``, ``sqlite``); ``url`` is
+    the relay's ``OUTBOX_CDC_DATABASE_URL``; ``param`` the driver's placeholder; ``connect()``
+    gives a new producer connection (not in autocommit: the caller commits or rolls back).
+    """
+
+    name: str
+    dialect: str
+    url: str
+    param: str = "%s"
+    # what a server restart raises on a connection: the server closed it, or it was closed
+    connection_lost: tuple[type[BaseException], ...] = ()
+
+    def connect(self) -> Any:
+        raise NotImplementedError
+
+    def create_table(self, table: str, *, polling: bool = False) -> None:
+        """The project's outbox DDL (schema v1) for ``table``; ``polling`` adds what the polling
+        relay reads with (the pending-rows index: on PostgreSQL only with this flag, MariaDB
+        and SQLite always have it)."""
+        conn = self.connect()
+        try:
+            cur = conn.cursor()
+            for stmt in statements(ddl(self.dialect, table, polling=polling)):
+                cur.execute(stmt)
+            cur.close()
+            conn.commit()
+        finally:
+            conn.close()
+
+    def drop_table(self, table: str) -> None:
+        conn = self.connect()
+        try:
+            cur = conn.cursor()
+            cur.execute(f"DROP TABLE IF EXISTS {table}")
+            cur.execute(f"DELETE FROM outbox_cdc_schema WHERE table_name = {self.param}", (table,))
+            cur.close()
+            conn.commit()
+        finally:
+            conn.close()
+
+    def query(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run ``sql`` on a connection of its own (so it sees everything committed so far)."""
+        conn = self.connect()
+        try:
+            rows = fetch_all(conn, sql, params)
+            conn.rollback()
+            return rows
+        finally:
+            conn.close()
+
+    def ids_in(self, ids: Collection[str]) -> tuple[str, list[str]]:
+        """SQL condition ``id IN (...)`` for ``ids`` and its parameters."""
+        marks = ", ".join([self.param] * len(ids))
+        return f"id IN ({marks})", list(ids)
+
+    def count_ids(self, conn: Any, table: str, ids: Collection[str]) -> int:
+        """How many of ``ids`` are rows of ``table``, seen by ``conn`` (then rolled back)."""
+        condition, params = self.ids_in(ids)
+        rows = fetch_all(conn, f"SELECT count(*) FROM {table} WHERE {condition}", params)
+        conn.rollback()
+        return int(rows[0][0]) if rows else 0
+
+    def table_state(self, table: str) -> tuple[int, int]:
+        """(rows, rows with published_at NULL) of ``table``."""
+        rows = self.query(
+            f"SELECT count(*), count(*) - count(published_at) FROM {table}",
+        )
+        return int(rows[0][0]), int(rows[0][1] or 0)
+
+    def row_published(self, table: str, event_id: str) -> tuple[bool, Any]:
+        """(the row of ``event_id`` exists, its published_at)."""
+        rows = self.query(f"SELECT published_at FROM {table} WHERE id = {self.param}", (event_id,))
+        return (True, rows[0][0]) if rows else (False, None)
+
+    def seq_of(self, conn: Any, table: str, event_id: str) -> int | None:
+        """The seq of ``event_id``, as ``conn`` sees it (its own uncommitted rows included)."""
+        rows = fetch_all(conn, f"SELECT seq FROM {table} WHERE id = {self.param}", (event_id,))
+        return int(rows[0][0]) if rows else None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+
+class PostgresDatabase(Database):
+    name = "postgres"
+    dialect = "postgresql"
+    connection_lost = (psycopg.OperationalError, psycopg.InterfaceError)
+
+    def __init__(self, dsn: str) -> None:
+        self.url = dsn
+
+    def connect(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.url, connect_timeout=5)
+
+    def create_table(self, table: str, *, polling: bool = False) -> None:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            for stmt in statements(ddl("postgresql", table, polling=polling)):
+                conn.execute(stmt)
+
+    def drop_table(self, table: str) -> None:
+        with psycopg.connect(self.url, autocommit=True, connect_timeout=30) as conn:
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
+            conn.execute("DELETE FROM outbox_cdc_schema WHERE table_name = %s", (table,))
+
+    def ids_in(self, ids: Collection[str]) -> tuple[str, list[str]]:
+        return "id = ANY(%s::uuid[])", [list(ids)]
+
+
+class MariaDatabase(Database):
+    """MariaDB (or MySQL) through PyMySQL; ``url`` is ``mysql://user:pass@host:port/db``."""
+
+    name = "mariadb"
+    dialect = "mysql"
+    connection_lost = (pymysql.err.OperationalError, pymysql.err.InterfaceError)
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def connect(self) -> Any:
+        return pymysql.connect(
+            **mysql_connect_kwargs(self.url), charset="utf8mb4", connect_timeout=5
+        )
+
+
+class SqliteDatabase(Database):
+    """One SQLite file; one sqlite3 connection per thread (``timeout=30``: a writer waits for
+    the lock instead of failing at once). The relay URL is SQLAlchemy style:
+    ``sqlite:////absolute/path``."""
+
+    name = "sqlite"
+    dialect = "sqlite"
+    param = "?"
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path).resolve()
+        self.url = f"sqlite:///{self.path}"
+
+    def connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=30)
+
+    def create_table(self, table: str, *, polling: bool = False) -> None:
+        conn = self.connect()
+        try:
+            # readers (the relay's polls) do not block the writers, nor the writers them
+            conn.execute("PRAGMA journal_mode=WAL")
+        finally:
+            conn.close()
+        super().create_table(table, polling=polling)
+
+
+def as_database(db: Database | str) -> Database:
+    """A :class:`Database`; a plain string is a PostgreSQL DSN (the WAL relay's database)."""
+    return db if isinstance(db, Database) else PostgresDatabase(db)
+
+
+def write_event(
+    db: Database,
+    table: str,
+    topic: str,
+    *,
+    key: str = "marker",
+    payload: bytes = b"marker",
+    type: str = "acceptance.marker",
+) -> str:
+    """Commit one event on a connection of its own; returns its id."""
+    conn = db.connect()
+    try:
+        event_id = Outbox(table, capture_trace_context=False).publish(
+            conn, topic=topic, type=type, payload=payload, key=key
+        )
+        conn.commit()
+    finally:
+        conn.close()
+    return str(event_id)
+
+
+# ------------------------------------------------------------------------------------------
 # the load generator
 # ------------------------------------------------------------------------------------------
 
@@ -306,11 +505,12 @@ class LoadResult:
 
 class LoadGenerator:
     """Writes ``events`` events (committed + rolled back) over ``keys`` keys with ``threads``
-    threads; ``rate`` caps the total events per second (None: as fast as possible)."""
+    threads; ``rate`` caps the total events per second (None: as fast as possible).
+    ``db`` is a :class:`Database`, or a PostgreSQL DSN."""
 
     def __init__(
         self,
-        dsn: str,
+        db: Database | str,
         table: str,
         topic: str,
         *,
@@ -325,7 +525,7 @@ class LoadGenerator:
         key_prefix: str = "key",
     ) -> None:
         assert keys >= threads
-        self.dsn, self.topic = dsn, topic
+        self.db, self.topic = as_database(db), topic
         self.outbox = Outbox(table, capture_trace_context=False)
         self.table = table
         self.events, self.keys, self.threads = events, keys, threads
@@ -388,12 +588,12 @@ class LoadGenerator:
             time.sleep(0.02)
 
     # -- one thread -----------------------------------------------------------------------
-    def _connect(self) -> psycopg.Connection[Any]:
+    def _connect(self) -> Any:
         deadline = time.monotonic() + 90
         while True:
             try:
-                return psycopg.connect(self.dsn, connect_timeout=5)
-            except psycopg.OperationalError:
+                return self.db.connect()
+            except self.db.connection_lost:
                 if not self.tolerate_restarts or time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
@@ -432,12 +632,12 @@ class LoadGenerator:
 
     def _transaction(
         self,
-        conn: psycopg.Connection[Any],
+        conn: Any,
         t: int,
         keys: list[str],
         next_seq: dict[str, int],
         rollback: bool,
-    ) -> psycopg.Connection[Any]:
+    ) -> Any:
         """Write one transaction until its outcome is known; returns the (new) connection."""
         while True:
             seqs = dict(next_seq)
@@ -462,7 +662,7 @@ class LoadGenerator:
                     conn.rollback()
                     self._record(batch, committed=False, rolled_back_on_purpose=True)
                     return conn
-            except _CONNECTION_LOST:
+            except self.db.connection_lost:
                 if not self.tolerate_restarts:
                     raise
                 # The server went away before COMMIT: nothing of this transaction committed.
@@ -471,7 +671,7 @@ class LoadGenerator:
                 continue
             try:
                 conn.commit()
-            except _CONNECTION_LOST:
+            except self.db.connection_lost:
                 if not self.tolerate_restarts:
                     raise
                 conn = self._reconnect(conn)
@@ -515,20 +715,16 @@ class LoadGenerator:
                 r.rollbacks += rolled_back_on_purpose
                 r.retried += retried
 
-    def _reconnect(self, conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
+    def _reconnect(self, conn: Any) -> Any:
         with contextlib.suppress(Exception):
             conn.close()
         with self._lock:
             self.result.reconnects += 1
         return self._connect()
 
-    def _exists(self, ids: list[str], conn: psycopg.Connection[Any]) -> bool:
+    def _exists(self, ids: list[str], conn: Any) -> bool:
         """Did the transaction holding ``ids`` commit? All or none of them exist."""
-        rows = conn.execute(
-            f"SELECT count(*) FROM {self.table} WHERE id = ANY(%s::uuid[])", (ids,)
-        ).fetchone()
-        conn.rollback()
-        found = rows[0] if rows else 0
+        found = self.db.count_ids(conn, self.table, ids)
         assert found in (0, len(ids)), f"{found} of {len(ids)} rows of one transaction exist"
         return found == len(ids)
 
