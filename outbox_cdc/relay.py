@@ -32,23 +32,34 @@ from outbox_cdc.errors import (
 from outbox_cdc.events import KafkaRecord, OutboxEvent, to_record
 from outbox_cdc.protocol.progress import AckTracker, Transaction
 from outbox_cdc.sinks.base import Sink
-from outbox_cdc.sources.base import BEGIN, Commit, Source
+from outbox_cdc.sources.base import Begin, Commit, Source
 
 log = logging.getLogger(__name__)
 
 
 class RelayObserver(Protocol):
-    """Hooks for metrics; every method must be cheap and must not raise."""
+    """Hooks for metrics (:mod:`outbox_cdc.metrics`); every method must be cheap and must not
+    raise. Times are epoch seconds; durations seconds."""
 
-    def published(self, record: KafkaRecord, commit_ts: float | None) -> None: ...
+    def published(self, record: KafkaRecord, commit_time: float, send_seconds: float) -> None:
+        """Kafka acknowledged ``record``; its transaction committed at ``commit_time`` (the
+        event's creation time when the source cannot tell), it was sent ``send_seconds`` ago."""
 
-    def state(self, state: str) -> None: ...
+    def source_time(self, commit_time: float) -> None:
+        """The relay has read the source up to a transaction committed at ``commit_time``."""
 
-    def error(self, reason: str) -> None: ...
+    def state(self, state: str) -> None:
+        """streaming, standby, stalled, failing:<error>, stopped."""
+
+    def error(self, reason: str) -> None:
+        """A publish or connection error, by reason (a short fixed word)."""
 
 
 class NullObserver:
-    def published(self, record: KafkaRecord, commit_ts: float | None) -> None:
+    def published(self, record: KafkaRecord, commit_time: float, send_seconds: float) -> None:
+        pass
+
+    def source_time(self, commit_time: float) -> None:
         pass
 
     def state(self, state: str) -> None:
@@ -86,13 +97,23 @@ class _Backoff:
 
 
 class _Completion:
-    __slots__ = ("exc", "generation", "nbytes", "record", "txn")
+    __slots__ = ("commit_time", "exc", "generation", "nbytes", "record", "sent_at", "txn")
 
-    def __init__(self, generation: int, txn: Transaction, record: KafkaRecord, nbytes: int):
+    def __init__(
+        self,
+        generation: int,
+        txn: Transaction,
+        record: KafkaRecord,
+        nbytes: int,
+        commit_time: float,
+        sent_at: float,
+    ):
         self.generation = generation
         self.txn = txn
         self.record = record
         self.nbytes = nbytes
+        self.commit_time = commit_time
+        self.sent_at = sent_at
         self.exc: BaseException | None = None
 
 
@@ -125,6 +146,8 @@ class Relay:
         self._unackable = 0  # events that failed for good: never acknowledged, never confirmed
         self._state = ""
         self._stop_deadline = 0.0  # set by stop(): reading the open transaction, then draining
+        self._commit_time: float | None = None  # of the transaction being read
+        self.loop_time = time.monotonic()  # last pass of the loop: liveness for /healthz
 
     # -- control --------------------------------------------------------------------------------
 
@@ -173,7 +196,11 @@ class Relay:
                 except (SourceError, SinkError) as exc:
                     if not exc.retriable:
                         raise
-                    self.observer.error(type(exc).__name__)
+                    self.observer.error(
+                        "kafka_unavailable"
+                        if isinstance(exc, SinkError)
+                        else "database_unavailable"
+                    )
                     delay = backoff.next()
                     if isinstance(exc, SinkError):
                         what = (
@@ -225,6 +252,8 @@ class Relay:
         generation = self._generation
         txn: Transaction | None = None
         send = self._send
+        observer = self.observer
+        monotonic = time.monotonic
 
         # After stop(), read on to the end of a partly read transaction (bounded by the
         # shutdown timeout): its events delivered so far become confirmable, instead of being
@@ -246,20 +275,31 @@ class Relay:
             # never read more events than the in-flight limit still allows
             room = min(opts.read_batch, opts.max_in_flight_events - tracker.in_flight)
             items = source.read(1.0, wake_fd, room)
+            commit_time = self._commit_time
             for item in items:
-                if item is BEGIN:
-                    tracker.begin()
-                elif type(item) is Commit:
-                    tracker.commit(item.end)
-                elif type(item) is OutboxEvent:
+                kind = type(item)
+                if kind is OutboxEvent:
+                    assert isinstance(item, OutboxEvent)
                     record = to_record(item, source_name)
                     txn = tracker.add_event()
                     size = len(record.value) + 64
                     self._in_flight_bytes += size
-                    send(_Completion(generation, txn, record, size))
+                    when = commit_time if commit_time is not None else item.created_at.timestamp()
+                    send(_Completion(generation, txn, record, size, when, monotonic()))
+                elif kind is Begin:
+                    assert isinstance(item, Begin)
+                    tracker.begin()
+                    commit_time = item.commit_time
+                elif kind is Commit:
+                    assert isinstance(item, Commit)
+                    tracker.commit(item.end)
+                    if item.commit_time is not None:
+                        observer.source_time(item.commit_time)
+                    commit_time = None
                 else:
                     assert isinstance(item, EventDecodeError)
                     self._poison(item, tracker.add_event(), generation)
+            self._commit_time = commit_time
             if not items:
                 idle = source.idle_position()
                 if idle is not None:
@@ -309,6 +349,8 @@ class Relay:
         observer = self.observer
         generation = self._generation
         advanced = False
+        now = time.monotonic()
+        self.loop_time = now
         try:
             while True:
                 try:
@@ -322,7 +364,7 @@ class Relay:
                     continue
                 self._in_flight_bytes -= c.nbytes
                 tracker.ack(c.txn)
-                observer.published(c.record, None)
+                observer.published(c.record, c.commit_time, now - c.sent_at)
                 advanced = True
         finally:
             # also when a failure interrupts the drain: what was acknowledged before it counts
@@ -372,7 +414,7 @@ class Relay:
             ],
             event_id=rec.event_id,
         )
-        self._send(_Completion(c.generation, c.txn, dlq, c.nbytes))
+        self._send(_Completion(c.generation, c.txn, dlq, c.nbytes, c.commit_time, c.sent_at))
 
     def _send(self, c: _Completion) -> None:
         """Hand one record to the sink; its completion comes back through the queue."""
@@ -408,7 +450,7 @@ class Relay:
             headers=[("outbox_cdc_error", str(err).encode())],
             event_id=err.event_id or "",
         )
-        c = _Completion(generation, txn, rec, 64)
+        c = _Completion(generation, txn, rec, 64, time.time(), time.monotonic())
         self._in_flight_bytes += c.nbytes
         self._send(c)
 
@@ -475,4 +517,5 @@ class Relay:
             self._close_source()
             self._wake_r.close()
             self._wake_w.close()
+            self.observer.state("stopped")
             log.info("stopped; confirmed up to %s", self.source.describe(self.tracker.confirmed))

@@ -28,6 +28,22 @@ IGNORED: Final = 3
 
 _B_PREFIX: Final = b'{"action":"B"'
 _C_PREFIX: Final = b'{"action":"C"'
+_TIMESTAMP: Final = b'"timestamp":"'
+
+
+def commit_time(payload: bytes | memoryview) -> float | None:
+    """The commit timestamp (epoch seconds) of a B or C object (``include-timestamp``), read
+    without parsing the JSON; None if absent or malformed."""
+    data = bytes(payload[:160])
+    start = data.find(_TIMESTAMP)
+    if start < 0:
+        return None
+    start += len(_TIMESTAMP)
+    end = data.find(b'"', start)
+    try:
+        return _parse_time(data[start:end].decode("ascii")).timestamp()
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 # What the relay asks wal2json for; START_REPLICATION options (wal2json README, "Parameters").

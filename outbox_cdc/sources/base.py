@@ -8,29 +8,36 @@ from outbox_cdc.errors import EventDecodeError
 from outbox_cdc.events import OutboxEvent
 
 
-class _Begin:
-    __slots__ = ()
+class Begin:
+    """Start of a source transaction; ``commit_time`` (epoch seconds) when the source knows it
+    (logical decoding sends a transaction only after its commit)."""
+
+    __slots__ = ("commit_time",)
+
+    def __init__(self, commit_time: float | None = None) -> None:
+        self.commit_time = commit_time
 
     def __repr__(self) -> str:
-        return "BEGIN"
+        return "BEGIN" if self.commit_time is None else f"Begin({self.commit_time})"
 
 
-BEGIN: Final = _Begin()
+BEGIN: Final = Begin()
 
 
 class Commit:
     """End of a source transaction; ``end`` is the position to confirm once it is delivered."""
 
-    __slots__ = ("end",)
+    __slots__ = ("commit_time", "end")
 
-    def __init__(self, end: int) -> None:
+    def __init__(self, end: int, commit_time: float | None = None) -> None:
         self.end = end
+        self.commit_time = commit_time
 
     def __repr__(self) -> str:
         return f"Commit({self.end})"
 
 
-Item = _Begin | Commit | OutboxEvent | EventDecodeError
+Item = Begin | Commit | OutboxEvent | EventDecodeError
 
 
 class Source(Protocol):
@@ -47,7 +54,7 @@ class Source(Protocol):
       and the server's confirmed position. Raises ``SourceInUseError`` while another relay holds
       the source, ``SourceError`` for connection failures, ``SlotInvalidatedError`` and
       ``ConfigurationError`` for what waiting cannot fix.
-    * ``read(timeout, wake_fd, max_items)`` returns the next items in stream order: ``BEGIN``,
+    * ``read(timeout, wake_fd, max_items)`` returns the next items in stream order: ``Begin``,
       events (or ``EventDecodeError`` for a committed row that cannot be published), then
       ``Commit(end)``. A transaction may span several calls. Returns early (possibly with
       nothing) when ``wake_fd`` becomes readable or ``timeout`` passes.

@@ -37,7 +37,7 @@ from outbox_cdc.protocol.replication import (
     parse_xlogdata_header,
     status_update,
 )
-from outbox_cdc.sources.base import BEGIN, Commit, Item
+from outbox_cdc.sources.base import Begin, Commit, Item
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ class WalSource:
         self._last_offset_save = 0.0
         self._reply_requested = False
         self._idle_pos: int | None = None
+        self._txn_time: float | None = None  # commit time of the transaction being read
         self.started_at_lsn = 0
 
     @staticmethod
@@ -245,18 +246,22 @@ class WalSource:
                         start, wal_end = parse_xlogdata_header(data)
                         if wal_end > self._received:
                             self._received = wal_end
-                        item = decode(data[XLOGDATA_HEADER_SIZE:], start)
+                        payload = data[XLOGDATA_HEADER_SIZE:]
+                        item = decode(payload, start)
                         if item is wal2json.BEGIN:
-                            out.append(BEGIN)
+                            self._txn_time = wal2json.commit_time(payload)
+                            out.append(Begin(self._txn_time))
                         elif item is wal2json.COMMIT:
                             # Coalesce an empty transaction into the commit before it: both
                             # positions become confirmable at the same moment.
                             prev = out[-2] if len(out) >= 2 else None
-                            if isinstance(prev, Commit) and out[-1] is BEGIN:
+                            last = out[-1] if out else None
+                            if isinstance(prev, Commit) and type(last) is Begin:
                                 out.pop()
                                 prev.end = start
+                                prev.commit_time = self._txn_time
                             else:
-                                out.append(Commit(start))
+                                out.append(Commit(start, self._txn_time))
                         elif item is not wal2json.IGNORED:
                             out.append(item)  # type: ignore[arg-type]
                         self._idle_pos = None

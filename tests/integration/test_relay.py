@@ -398,7 +398,7 @@ SECRET = "s3cr3t-Pa55word"
         ("OUTBOX_CDC_TABLE", "public.outbox; drop table x", "table"),
         (
             "OUTBOX_CDC_DATABASE_URL",
-            f"mysql://outbox:{SECRET}@127.0.0.1/outbox_test",
+            f"oracle://outbox:{SECRET}@127.0.0.1/outbox_test",
             "OUTBOX_CDC_DATABASE_URL",
         ),
     ],

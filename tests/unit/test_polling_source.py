@@ -329,7 +329,7 @@ def test_a_failing_cleanup_does_not_stop_publishing(caplog: pytest.LogCaptureFix
     source.open(0)
     items = source.read(0.1, _never_readable(), 100)
     items = items or source.read(0.1, _never_readable(), 100)
-    assert [type(i).__name__ for i in items] == ["_Begin", "OutboxEvent", "Commit"]
+    assert [type(i).__name__ for i in items] == ["Begin", "OutboxEvent", "Commit"]
     assert "clean-up of published rows failed" in caplog.text
 
 
