@@ -172,22 +172,33 @@ def kafka_home() -> Path:
     return cache / "kafka"
 
 
-def service_epochs(db_url: str) -> dict[str, str | None]:
-    """What identifies the running PostgreSQL and Kafka: a change between the start and the end
-    of a phase means a restart in between (other people's fault-injection tests do that)."""
-    out: dict[str, str | None] = {"postgresql_started": None, "kafka_process": None}
+def process_epoch(pid: int) -> str | None:
+    """``pid N, start T`` (T: its start time in clock ticks since boot), or None."""
     try:
-        with psycopg.connect(db_url, connect_timeout=5) as conn:
-            row = conn.execute("SELECT pg_postmaster_start_time()::text").fetchone()
-            out["postgresql_started"] = row[0] if row else None
-    except psycopg.Error:
-        pass
-    try:
-        pid = int((kafka_home() / "kafka.pid").read_text().strip())
         stat = Path(f"/proc/{pid}/stat").read_text()
-        out["kafka_process"] = f"pid {pid}, start {stat[stat.rindex(')') + 2 :].split()[19]}"
-    except (OSError, ValueError):
-        pass
+    except OSError:
+        return None
+    return f"pid {pid}, start {stat[stat.rindex(')') + 2 :].split()[19]}"
+
+
+def service_epochs(db_url: str | None) -> dict[str, str | None]:
+    """What identifies the running PostgreSQL and Kafka: a change between the start and the end
+    of a phase means a restart in between (other people's fault-injection tests do that).
+    ``db_url`` None: only Kafka (the caller fills in its own database)."""
+    out: dict[str, str | None] = {
+        "database": "PostgreSQL",
+        "database_started": None,
+        "kafka_process": None,
+    }
+    if db_url is not None:
+        try:
+            with psycopg.connect(db_url, connect_timeout=5) as conn:
+                row = conn.execute("SELECT pg_postmaster_start_time()::text").fetchone()
+                out["database_started"] = row[0] if row else None
+        except psycopg.Error:
+            pass
+    with contextlib.suppress(OSError, ValueError):
+        out["kafka_process"] = process_epoch(int((kafka_home() / "kafka.pid").read_text()))
     return out
 
 
@@ -195,10 +206,10 @@ def disturbances(
     before: dict[str, str | None], after: dict[str, str | None], relay_errors: list[str]
 ) -> list[str]:
     found = []
-    if before["postgresql_started"] != after["postgresql_started"]:
+    if before["database_started"] != after["database_started"]:
         found.append(
-            f"PostgreSQL restarted (postmaster start {before['postgresql_started']} -> "
-            f"{after['postgresql_started']})"
+            f"{before['database']} restarted (server start {before['database_started']} -> "
+            f"{after['database_started']})"
         )
     if before["kafka_process"] != after["kafka_process"]:
         found.append(
@@ -541,8 +552,15 @@ class Bench:
 
     # -- setup and cleanup --------------------------------------------------------------------
 
+    def init_args(self) -> list[str]:
+        """``outbox-cdc init`` arguments after the URL and the table."""
+        return ["--slot", self.slot]
+
     def setup(self) -> None:
-        log(f"init: table {self.table}, slot {self.slot}, topic {self.topic}")
+        log(
+            f"init: table {self.table} {' '.join(self.init_args())}".rstrip()
+            + f", topic {self.topic}"
+        )
         self.created_table = True  # from here on, cleanup tries to drop them
         out = subprocess.run(
             [
@@ -552,8 +570,7 @@ class Bench:
                 self.db_url,
                 "--table",
                 self.table,
-                "--slot",
-                self.slot,
+                *self.init_args(),
             ],
             env=self.base_env(),
             capture_output=True,
@@ -595,8 +612,8 @@ class Bench:
             deadline = time.monotonic() + 60
             while True:
                 try:
-                    self._cleanup_postgres()
-                    log(f"cleanup: dropped slot {self.slot} and table {self.table}")
+                    self._cleanup_database()
+                    log(f"cleanup: dropped {self.database_objects()}")
                     break
                 except psycopg.OperationalError as exc:
                     if time.monotonic() > deadline:
@@ -629,7 +646,11 @@ class Bench:
                     log(f"cleanup: Kafka unavailable ({exc!r}); retrying")
                     time.sleep(2)
 
-    def _cleanup_postgres(self) -> None:
+    def database_objects(self) -> str:
+        """What cleanup drops from the database, for its log line."""
+        return f"slot {self.slot} and table {self.table}"
+
+    def _cleanup_database(self) -> None:
         with psycopg.connect(self.admin_url, autocommit=True, connect_timeout=5) as conn:
             for _ in range(100):
                 row = conn.execute(
@@ -697,12 +718,46 @@ class Bench:
     def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
         return psycopg.connect(self.db_url, application_name="outbox-cdc-bench", **kwargs)
 
+    def epochs(self) -> dict[str, str | None]:
+        """What identifies the running database server and Kafka broker (see disturbances)."""
+        return service_epochs(self.db_url)
+
+    relay_session = "the walsender of the relay's slot"
+
+    def relay_session_pid(self, conn: psycopg.Connection[Any]) -> int | None:
+        """The server process serving the relay: the walsender of its slot."""
+        row = conn.execute(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (self.slot,)
+        ).fetchone()
+        return row[0] if row else None
+
+    def database_cpu_mark(self) -> Any:
+        """Called before the relay starts; passed to :meth:`database_cpu`."""
+        return None
+
+    def database_cpu(self, mark: Any) -> dict[str, Any]:
+        """The database server's CPU spent for the relay so far, read while the relay runs:
+        here the CPU seconds of its PostgreSQL session (a new process per connection, so its
+        whole life), when /proc shows it (same host)."""
+        try:
+            with psycopg.connect(self.admin_url, connect_timeout=5) as conn:
+                pid = self.relay_session_pid(conn)
+        except psycopg.Error:
+            pid = None
+        stats = proc_stats(pid) if pid else None
+        if stats is None:
+            return {}
+        return {
+            "database_cpu_s": round(stats["cpu_s"], 2),
+            "database_cpu_what": f"{self.relay_session} (pid {pid})",
+        }
+
     # -- 1. latency -----------------------------------------------------------------------------
 
     def run_latency(self) -> None:
         a = self.args
         log(f"latency: starting relay; then {a.rate}/s for {a.seconds}s")
-        epochs = service_epochs(self.db_url)
+        epochs = self.epochs()
         machine0 = cpu_times()
         relay = self.new_relay("latency")
         startup = relay.wait_streaming(60)
@@ -766,7 +821,7 @@ class Bench:
         achieved = (len(commits) - 1) / (commits[-1][1] - commits[0][1]) if len(commits) > 1 else 0
         machine = busy_percent(machine0, cpu_times())
         relay.stop()
-        disturbed = disturbances(epochs, service_epochs(self.db_url), relay.errors_since(0))
+        disturbed = disturbances(epochs, self.epochs(), relay.errors_since(0))
         cpu = None
         if cpu_before and cpu_after:
             cpu = cpu_after["cpu_s"] - cpu_before["cpu_s"]
@@ -832,7 +887,7 @@ class Bench:
                     topic=self.topic,
                     type="bench.latency",
                     payload={"n": i, "pad": pad},
-                    key=f"k{i % 1000}",
+                    key=f"k{i % a.keys}",
                 )
                 conn.commit()
                 commits.append((str(eid), time.time()))
@@ -843,6 +898,9 @@ class Bench:
         return commits, wall0, produce_s, late, cpu_before, cpu_after
 
     # -- 2. backlog -----------------------------------------------------------------------------
+
+    def load_method(self) -> str:
+        return f"{self.args.backlog_writers} writers, method {self.args.backlog_method}"
 
     def load_backlog(self, count: int, writers: int) -> dict[str, Any]:
         """Commit ``count`` one-row transactions with the relay stopped."""
@@ -864,7 +922,7 @@ class Bench:
                             topic=self.topic,
                             type="bench.backlog",
                             payload={"n": i, "pad": pad},
-                            key=f"k{i % 1000}",
+                            key=f"k{i % a.keys}",
                         )
                         conn.execute("COMMIT")
                         if i % 500 == 499:
@@ -875,7 +933,7 @@ class Bench:
             stmt = sql.SQL(
                 "DO $bench$ BEGIN FOR i IN {lo}..{hi} LOOP "
                 "INSERT INTO {table} (topic, key, type, content_type, payload) VALUES "
-                "({topic}, 'k' || (i % 1000), 'bench.backlog', 'application/json', "
+                "({topic}, 'k' || (i % {keys}), 'bench.backlog', 'application/json', "
                 'convert_to(format(\'{{"n":%s,"pad":"%s"}}\', i, repeat(\'x\', {pad})), '
                 "'UTF8')); COMMIT; END LOOP; END $bench$"
             ).format(
@@ -884,6 +942,7 @@ class Bench:
                 table=sql.Identifier("public", self.name),
                 topic=sql.Literal(self.topic),
                 pad=sql.Literal(a.payload_pad),
+                keys=sql.Literal(a.keys),
             )
             with self.connect(autocommit=True) as conn:
                 conn.execute("SET synchronous_commit = off")
@@ -928,21 +987,19 @@ class Bench:
     def run_backlog(self, offsets: Offsets) -> RelayProcess:
         a = self.args
         n = a.backlog
-        log(
-            f"backlog: relay stopped; committing {n} one-row transactions "
-            f"({a.backlog_writers} writers, method {a.backlog_method})"
-        )
-        epochs = service_epochs(self.db_url)
+        log(f"backlog: relay stopped; committing {n} one-row transactions ({self.load_method()})")
+        epochs = self.epochs()
         base = offsets.total()
         load = self.load_backlog(n, a.backlog_writers)
         log(
             f"backlog: loaded in {load['load_s']}s ({load['load_rate_per_s']}/s, "
-            f"{load['distinct_transactions']} transactions); starting the relay"
+            f"{load['distinct_transactions'] or '?'} transactions); starting the relay"
         )
-        if load["distinct_transactions"] != n:
+        if load["distinct_transactions"] not in (None, n):  # None: not checkable
             log("backlog: WARNING: not one transaction per row")
 
         machine0 = cpu_times()
+        db_mark = self.database_cpu_mark()
         relay = self.new_relay("backlog")
         first: dict[str, Any] = {}
 
@@ -953,8 +1010,9 @@ class Bench:
         series, done = watch_until(offsets, base + n, a.drain_timeout, 0.2, relay, on_first)
         t_done = series[-1][0]
         stats = relay.stats()  # before SIGTERM: peak RSS, CPU
+        db_cpu = self.database_cpu(db_mark) if relay.alive() else {}
         streaming = bool(STREAMING_RE.search(relay.log_text()))
-        disturbed = disturbances(epochs, service_epochs(self.db_url), relay.errors_since(0))
+        disturbed = disturbances(epochs, self.epochs(), relay.errors_since(0))
         delivered = series[-1][1] - base
         total_s = t_done - relay.started_mono
         first_s = first["t"] - relay.started_mono if "t" in first else None
@@ -978,6 +1036,11 @@ class Bench:
             "relay_logged_streaming": streaming,
             "progress_per_s": progress(series, relay.started_mono, base),
         }
+        if db_cpu:
+            res.update(db_cpu)
+            res["database_cpu_us_per_event"] = round(
+                db_cpu["database_cpu_s"] / max(1, delivered) * 1e6, 1
+            )
         if stats:
             res["relay_peak_rss_mib"] = stats["peak_rss_mib"]
             res["relay_rss_mib_at_end"] = stats["rss_mib"]
@@ -1019,14 +1082,14 @@ class Bench:
                             topic=self.topic,
                             type="bench.burst",
                             payload={"n": i, "pad": pad},
-                            key=f"k{i % 1000}",
+                            key=f"k{i % a.keys}",
                         )
                         conn.commit()
                 finished.append(time.monotonic())
             except BaseException as exc:
                 errors.append(exc)
 
-        epochs = service_epochs(self.db_url)
+        epochs = self.epochs()
         mark = relay.mark()
         machine0 = cpu_times()
         cpu0 = relay.stats()
@@ -1049,9 +1112,7 @@ class Bench:
         delivered = series[-1][1] - base
         lag_at_prod_end = n - max((c for t, c in series if t <= t_prod), default=base) + base
         res: dict[str, Any] = {
-            "disturbed": disturbances(
-                epochs, service_epochs(self.db_url), relay.errors_since(mark)
-            ),
+            "disturbed": disturbances(epochs, self.epochs(), relay.errors_since(mark)),
             "machine_cpu_busy_percent": busy_percent(machine0, cpu_times()),
             "events": n,
             "threads": threads_n,
@@ -1104,7 +1165,8 @@ class Bench:
 
     # -- all ------------------------------------------------------------------------------------
 
-    def environment(self) -> None:
+    def database_environment(self) -> dict[str, Any]:
+        """The database's versions (merged into ``versions``); stores its settings."""
         with self.connect() as conn:
             pg = {}
             for s in (
@@ -1118,6 +1180,11 @@ class Bench:
             ):
                 row = conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(s))).fetchone()
                 pg[s] = row[0] if row else None
+        self.results["postgresql_settings"] = pg
+        return {"postgresql": pg["server_version"], "psycopg": pkg_version("psycopg")}
+
+    def environment(self) -> None:
+        database = self.database_environment()
         probe = KafkaConsumer(
             bootstrap_servers=self.bootstrap.split(","),
             group_id=None,
@@ -1128,16 +1195,14 @@ class Bench:
         probe.close()
         self.results["versions"] = {
             "python": platform.python_version(),
-            "postgresql": pg["server_version"],
+            **database,
             "kafka": kafka_version(api),
-            "psycopg": pkg_version("psycopg"),
             "kafka_python": pkg_version("kafka-python"),
             "confluent_kafka": pkg_version("confluent-kafka"),
             "librdkafka": librdkafka_version(),
             "outbox_cdc": pkg_version("outbox-cdc"),
             "git": git_info(),
         }
-        self.results["postgresql_settings"] = pg
 
     def run(self) -> None:
         a = self.args
@@ -1265,6 +1330,12 @@ def print_table(r: dict[str, Any], path: Path) -> None:
                 "relay CPU",
                 f"{fmt(b.get('relay_cpu_s'))} s ({fmt(b.get('relay_cpu_us_per_event'))} us/event)",
             ),
+            (
+                "database CPU",
+                f"{fmt(b.get('database_cpu_s'))} s "
+                f"({fmt(b.get('database_cpu_us_per_event'))} us/event; "
+                f"{b.get('database_cpu_what', 'not measured')})",
+            ),
             ("machine CPU busy", f"{fmt(b['machine_cpu_busy_percent'])}% of all CPUs"),
         ]
     u = r.get("burst")
@@ -1340,6 +1411,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--payload-pad", type=int, default=100, help="bytes of padding in each JSON payload"
     )
+    p.add_argument("--keys", type=int, default=1000, help="distinct record keys (k0, k1, ...)")
     p.add_argument("--partitions", type=int, default=1, help="partitions of the benchmark topic")
     p.add_argument(
         "--log-append-time",
@@ -1413,8 +1485,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--database-url and --bootstrap-servers"
         )
     a.admin_url = a.admin_url or a.database_url
-    if a.rate <= 0 or a.backlog_writers < 1 or a.burst_threads < 1:
-        p.error("--rate, --backlog-writers and --burst-threads must be positive")
+    if a.rate <= 0 or a.backlog_writers < 1 or a.burst_threads < 1 or a.keys < 1:
+        p.error("--rate, --backlog-writers, --burst-threads and --keys must be positive")
     return a
 
 
@@ -1431,13 +1503,17 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
-def run_bench(a: argparse.Namespace, write: bool = True) -> tuple[dict[str, Any], int, Path]:
-    """One benchmark run (setup, phases, cleanup): its results, exit status, JSON path."""
-    bench = Bench(a, a.database_url, a.admin_url, a.bootstrap_servers)
+def run_bench(
+    a: argparse.Namespace, write: bool = True, bench: Bench | None = None
+) -> tuple[dict[str, Any], int, Path]:
+    """One benchmark run (setup, phases, cleanup): its results, exit status, JSON path.
+    ``bench``: a prepared :class:`Bench` (or subclass) for ``a``; default a WAL one."""
+    if bench is None:
+        bench = Bench(a, a.database_url, a.admin_url, a.bootstrap_servers)
     params = {
         k: (str(v) if isinstance(v, Path) else v)
         for k, v in vars(a).items()
-        if k not in ("database_url", "admin_url", "output", "log")
+        if k not in ("output", "log") and not k.endswith("_url")  # URLs may hold passwords
     }
     params["relay_env"] = {k: ("***" if "PASSWORD" in k else v) for k, v in a.relay_env.items()}
     r = bench.results
