@@ -5,8 +5,12 @@ slot health, preflight checks. Each check that fails says how to fix it.
 from __future__ import annotations
 
 import sqlite3
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
@@ -14,6 +18,9 @@ from outbox_cdc.errors import ConfigurationError
 from outbox_cdc.schema import ddl, statements
 from outbox_cdc.sources.polling_databases import dialect_of, mysql_connect_args
 from outbox_cdc.sources.wal import create_slot
+
+if TYPE_CHECKING:
+    from outbox_cdc.sinks.base import Sink
 
 # -- init ----------------------------------------------------------------------------------------
 
@@ -377,3 +384,132 @@ def preflight_kafka(bootstrap_servers: str, client_config: dict[str, Any]) -> Ch
             "Kafka security settings",
         )
     return Check("kafka reachable", True, f"{bootstrap_servers}: {len(topics)} topics visible")
+
+
+# -- recover -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Recovery:
+    slot: str
+    slot_state: str  # lost, missing, or (with force) the state it had
+    new_slot_lsn: str
+    since: str | None  # created_at cutoff of the re-published rows (None: all rows)
+    rows: int
+    published: int
+    dry_run: bool
+
+
+def recover(
+    url: str,
+    table: str,
+    slot: str,
+    sink_factory: Callable[[], Sink],
+    *,
+    source_name: str,
+    margin: float = 600.0,
+    since: datetime | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    timeout: float = 300.0,
+) -> Recovery:
+    """Recreate a lost slot and re-publish the outbox rows it may not have delivered.
+
+    Order matters: the new slot is created *before* the rows are read, so every transaction
+    committed before the slot's consistent point is visible to the read, and every later one
+    is streamed by the slot (some events twice: duplicates, never losses). The rows re-published
+    are those created at or after ``since``, by default the commit time of the last
+    confirmed transaction (``outbox_cdc_offsets``) minus ``margin`` seconds: ``created_at`` is
+    the transaction's start, so a transaction that ran longer than ``margin`` before committing
+    could be missed; without a recorded time, every retained row is re-published.
+    """
+    dsn = _pg_dsn(url)
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+        state = conn.execute(
+            "SELECT plugin, wal_status, active_pid FROM pg_replication_slots WHERE slot_name = %s",
+            (slot,),
+        ).fetchone()
+        if state is not None and state[2] is not None:
+            raise ConfigurationError(
+                f"slot {slot!r} is in use by PID {state[2]}: stop every relay of this slot first"
+            )
+        status = "missing" if state is None else str(state[1])
+        if status not in ("lost", "missing") and not force:
+            raise ConfigurationError(
+                f"slot {slot!r} is healthy (wal_status {status}): nothing to recover. --force "
+                "recreates it and re-publishes anyway (duplicates)"
+            )
+        if since is None:
+            try:
+                row = conn.execute(
+                    "SELECT delivered_commit_time FROM outbox_cdc_offsets WHERE slot_name = %s",
+                    (slot,),
+                ).fetchone()
+            except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn):
+                row = None
+            if row is not None and row[0] is not None:
+                since = row[0] - timedelta(seconds=margin)
+        cutoff = "" if since is None else " WHERE created_at >= %s"
+        params: tuple[Any, ...] = () if since is None else (since,)
+        count_row = conn.execute(f"SELECT count(*) FROM {table}{cutoff}", params).fetchone()
+        rows = int(count_row[0]) if count_row else 0
+        if dry_run:
+            return Recovery(slot, status, "", _iso(since), rows, 0, True)
+        if state is not None:
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+        lsn = create_slot(conn, slot)
+        published = _republish(conn, table, cutoff, params, sink_factory, source_name, timeout)
+    return Recovery(slot, status, lsn, _iso(since), rows, published, False)
+
+
+def _iso(ts: datetime | None) -> str | None:
+    return ts.isoformat() if ts is not None else None
+
+
+def _republish(
+    conn: psycopg.Connection[Any],
+    table: str,
+    cutoff: str,
+    params: tuple[Any, ...],
+    sink_factory: Callable[[], Sink],
+    source_name: str,
+    timeout: float,
+) -> int:
+    from outbox_cdc.errors import EventDecodeError, SinkError
+    from outbox_cdc.events import to_record
+    from outbox_cdc.sources.polling import row_to_event
+
+    sink = sink_factory()
+    failures: list[BaseException] = []
+    acked = [0]
+    lock = threading.Lock()
+
+    def on_done(exc: BaseException | None) -> None:
+        with lock:
+            if exc is None:
+                acked[0] += 1
+            else:
+                failures.append(exc)
+
+    sent = 0
+    cols = 'seq, id::text, created_at, topic, "key", type, content_type, payload, headers::text'
+    try:
+        with conn.transaction(), conn.cursor(name="outbox_cdc_recover") as cur:
+            cur.itersize = 1000
+            cur.execute(f"SELECT {cols} FROM {table}{cutoff} ORDER BY seq", params)
+            for row in cur:
+                event = row_to_event(row, table)
+                if isinstance(event, EventDecodeError):
+                    raise event
+                sink.send(to_record(event, source_name), on_done)
+                sent += 1
+        deadline = time.monotonic() + timeout
+        while acked[0] + len(failures) < sent and time.monotonic() < deadline:
+            sink.flush(min(5.0, max(0.1, deadline - time.monotonic())))
+    finally:
+        sink.close(10.0)
+    if failures:
+        raise SinkError(f"{len(failures)} of {sent} events were not published: {failures[0]}")
+    if acked[0] < sent:
+        raise SinkError(f"only {acked[0]} of {sent} events were acknowledged within {timeout:.0f}s")
+    return sent

@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -30,12 +31,30 @@ EXIT_FATAL = 1
 EXIT_CONFIG = 2
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and the exception, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
     # kafka-python logs every failed connection attempt at ERROR/WARNING: the relay reports
     # broker state changes itself, once each.
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
@@ -122,24 +141,32 @@ def start(config_file: Path | None, **flags: Any) -> None:
     Every setting also reads OUTBOX_CDC_<NAME> (e.g. OUTBOX_CDC_KAFKA_LINGER_MS) and the
     config file; see docs/settings.md.
     """
+    from outbox_cdc.health import HealthServer, KafkaProbe, PendingProbe, SlotProbe, Watchdog
+    from outbox_cdc.metrics import RelayMetrics
     from outbox_cdc.relay import Relay, RelayOptions
     from outbox_cdc.settings import load_settings
     from outbox_cdc.sources.base import Source
 
     try:
         settings = load_settings(config_file, **flags)
-        _setup_logging(settings.log_level)
+        _setup_logging(settings.log_level, settings.log_format)
+        metrics = RelayMetrics(version=__version__, mode="polling" if settings.polling else "wal")
         source: Source
+        db_probe: Callable[[], dict[str, float | None]]
         if settings.polling:
             from outbox_cdc.sources.polling import PollingSource
 
-            source = PollingSource(settings.polling_source_options())
+            source = PollingSource(settings.polling_source_options(), cleanup_observer=metrics)
             origin = f"by polling {settings.dialect}"
+            db_probe = PendingProbe(settings.database_url.get_secret_value(), settings.outbox_table)
         else:
             from outbox_cdc.sources.wal import WalSource
 
-            source = WalSource(settings.wal_source_options())
+            source = WalSource(settings.wal_source_options(), cleanup_observer=metrics)
             origin = f"from the WAL (slot {settings.slot})"
+            db_probe = SlotProbe(
+                settings.postgres_dsn(), settings.slot, settings.slot_wal_warning_bytes or None
+            )
         kafka_options = settings.kafka_options()
         sink_class = _sink_class(settings.kafka_client)
     except ConfigurationError as exc:
@@ -156,7 +183,21 @@ def start(config_file: Path | None, **flags: Any) -> None:
             shutdown_timeout=settings.shutdown_timeout,
             read_batch=max(2_000, settings.poll_batch_size + 2),
         ),
+        observer=metrics,
     )
+    metrics.bind_in_flight(lambda: relay.tracker.in_flight)
+    kafka_probe = KafkaProbe(
+        settings.kafka_bootstrap_servers, kafka_options.client_config, timeout=4.0
+    )
+    watchdog = Watchdog(relay, kafka_probe, db_probe, metrics).start()
+    if settings.http_port is not None:
+        try:
+            server = HealthServer(settings.http_bind, settings.http_port, watchdog, metrics)
+        except ConfigurationError as exc:
+            _fail(exc, EXIT_CONFIG)
+            return
+        server.start()
+        log.info("serving /metrics, /healthz and /readyz on %s:%d", settings.http_bind, server.port)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s: stopping", signal.Signals(signum).name)
@@ -183,6 +224,8 @@ def start(config_file: Path | None, **flags: Any) -> None:
     except OutboxError as exc:
         log.error("%s", exc)
         sys.exit(EXIT_FATAL)
+    finally:
+        watchdog.stop()
 
 
 def _sink_class(kafka_client: str) -> Callable[[KafkaOptions], Sink]:
@@ -405,6 +448,94 @@ def check(
                 click.echo(f"       fix: {c.fix}")
     if failed:
         sys.exit(EXIT_FATAL)
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="OUTBOX_CDC_CONFIG",
+    show_envvar=True,
+    help="TOML file with settings (the same as for start)",
+)
+@click.option("--database-url", help="PostgreSQL URL [env OUTBOX_CDC_DATABASE_URL]")
+@click.option("--kafka-bootstrap-servers", help="[env OUTBOX_CDC_KAFKA_BOOTSTRAP_SERVERS]")
+@click.option("--table", help="Outbox table [default: public.outbox]")
+@click.option("--slot", help="Replication slot [default: outbox_cdc]")
+@click.option(
+    "--since",
+    type=click.DateTime(formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]),
+    help="Re-publish rows created at or after this time (UTC if no offset) instead of the "
+    "recorded last delivery minus --margin",
+)
+@click.option(
+    "--margin",
+    type=float,
+    default=600.0,
+    show_default=True,
+    help="Seconds before the last recorded delivery to start from (covers transactions that "
+    "ran that long before committing)",
+)
+@click.option("--force", is_flag=True, help="Recreate the slot even if it is healthy")
+@click.option("--dry-run", is_flag=True, help="Say what would be done; change nothing")
+def recover(
+    config_file: Path | None,
+    since: datetime | None,
+    margin: float,
+    force: bool,
+    dry_run: bool,
+    **flags: Any,
+) -> None:
+    """Recover from a lost (invalidated) or dropped replication slot: recreate it, and
+    re-publish the outbox rows written since the last delivered event. Costs duplicates (same
+    ce_id), never losses. Stop every relay of the slot first; start them again afterwards."""
+    from outbox_cdc.admin import recover as do_recover
+    from outbox_cdc.settings import load_settings
+
+    try:
+        settings = load_settings(config_file, **flags)
+        _setup_logging(settings.log_level, settings.log_format)
+        if settings.polling:
+            raise ConfigurationError(
+                "mode: recover is for the WAL relay's slot; in polling mode the table itself "
+                "says what is pending (published_at IS NULL)"
+            )
+        kafka_options = settings.kafka_options()
+        sink_class = _sink_class(settings.kafka_client)
+        if since is not None and since.tzinfo is None:
+            since = since.replace(tzinfo=UTC)
+        result = do_recover(
+            settings.database_url.get_secret_value(),
+            settings.outbox_table,
+            settings.slot,
+            lambda: sink_class(kafka_options),
+            source_name=settings.source_name,
+            margin=margin,
+            since=since,
+            force=force,
+            dry_run=dry_run,
+        )
+    except ConfigurationError as exc:
+        _fail(exc, EXIT_CONFIG)
+        return
+    except OutboxError as exc:
+        _fail(exc, EXIT_FATAL)
+        return
+    except Exception as exc:  # driver errors: one line, no URL
+        _fail(_one_line(exc), EXIT_FATAL)
+        return
+    start = f"rows created since {result.since}" if result.since else "every retained row"
+    if result.dry_run:
+        click.echo(
+            f"slot {result.slot}: {result.slot_state}; would recreate it and re-publish "
+            f"{result.rows} events ({start})"
+        )
+        return
+    click.echo(
+        f"slot {result.slot}: was {result.slot_state}, recreated at {result.new_slot_lsn}; "
+        f"re-published {result.published} events ({start}). Start the relay now."
+    )
 
 
 if __name__ == "__main__":

@@ -149,6 +149,11 @@ class Relay:
         self._commit_time: float | None = None  # of the transaction being read
         self.loop_time = time.monotonic()  # last pass of the loop: liveness for /healthz
 
+    @property
+    def state(self) -> str:
+        """streaming, standby, stalled, failing:<error>, or empty before the first connection."""
+        return self._state
+
     # -- control --------------------------------------------------------------------------------
 
     def stop(self) -> None:

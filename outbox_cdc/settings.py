@@ -87,8 +87,8 @@ class Settings(BaseSettings):
     retention: float = Field(
         DEFAULT_RETENTION,
         ge=0,
-        description="polling: seconds a published row is kept (published_at set) before the "
-        "clean-up deletes it; 0 deletes each row once Kafka acknowledged it",
+        description="seconds an outbox row is kept after publication before the clean-up "
+        "deletes it; 0: as soon as it is published",
     )
 
     # -- kafka -----------------------------------------------------------------------------------
@@ -127,6 +127,28 @@ class Settings(BaseSettings):
     )
     shutdown_timeout: float = Field(30.0, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: one readable line per event; json: one JSON object per line"
+    )
+
+    # -- operations ------------------------------------------------------------------------------
+    http_port: int | None = Field(
+        None, ge=0, le=65535, description="port of /metrics, /healthz, /readyz; unset: none"
+    )
+    # all interfaces by default: Kubernetes probes and Prometheus come from outside the pod
+    http_bind: str = Field("0.0.0.0", description="address the HTTP endpoints listen on")  # noqa: S104
+    heartbeat_interval: float = Field(
+        0.0,
+        ge=0,
+        le=3600,
+        description="WAL: seconds between heartbeat messages (never published) that keep the "
+        "lag measurable while the outbox is idle; 0: none",
+    )
+    slot_wal_warning_bytes: int = Field(
+        1024**3,
+        ge=0,
+        description="WAL: warn (log and metric) when the slot retains more WAL than this; 0: never",
+    )
 
     @field_validator("database_url")
     @classmethod
@@ -191,6 +213,8 @@ class Settings(BaseSettings):
             message_prefix=self.message_prefix or None,
             create_slot=self.create_slot,
             status_interval=self.status_interval,
+            heartbeat_interval=self.heartbeat_interval,
+            retention=self.retention,
         )
 
     def polling_source_options(self) -> PollingSourceOptions:

@@ -83,3 +83,9 @@ class Source(Protocol):
     def tick(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+class CleanupObserver(Protocol):
+    """Told about each clean-up round of published rows (for metrics); cheap, never raises."""
+
+    def cleanup(self, seconds: float, deleted: int, failed: bool) -> None: ...

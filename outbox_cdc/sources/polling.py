@@ -34,7 +34,7 @@ from outbox_cdc.errors import (
 )
 from outbox_cdc.events import OutboxEvent, headers_from_obj, parse_time, validate_topic
 from outbox_cdc.schema import validate_table
-from outbox_cdc.sources.base import BEGIN, Commit, Item
+from outbox_cdc.sources.base import BEGIN, CleanupObserver, Commit, Item
 from outbox_cdc.sources.polling_databases import PollingDatabase, Row, open_database
 
 log = logging.getLogger(__name__)
@@ -124,8 +124,14 @@ class PollingSource:
     numbers of this process; the durable record of delivery is the rows' ``published_at`` (or
     their absence)."""
 
-    def __init__(self, options: PollingSourceOptions, database: PollingDatabase | None = None):
+    def __init__(
+        self,
+        options: PollingSourceOptions,
+        database: PollingDatabase | None = None,
+        cleanup_observer: CleanupObserver | None = None,
+    ):
         self.options = options
+        self.cleanup_observer = cleanup_observer
         self.db = database or open_database(
             options.url, options.table, options.connect_timeout, options.notify
         )
@@ -267,8 +273,10 @@ class PollingSource:
         seqs at a time, each its own short transaction, for at most ``cleanup_budget``."""
         opts = self.options
         self._next_cleanup = time.monotonic() + opts.cleanup_interval
-        deadline = time.monotonic() + opts.cleanup_budget
+        started = time.monotonic()
+        deadline = started + opts.cleanup_budget
         total = 0
+        failed = False
         try:
             while time.monotonic() < deadline:
                 deleted = self.db.cleanup(opts.retention, opts.cleanup_window)
@@ -277,7 +285,10 @@ class PollingSource:
                     break
         except SourceError as exc:
             # clean-up is not delivery: never let it stop publishing
+            failed = True
             log.warning("clean-up of published rows failed (retrying later): %s", exc)
+        if self.cleanup_observer is not None:
+            self.cleanup_observer.cleanup(time.monotonic() - started, total, failed)
         if total:
             log.debug("clean-up deleted %d published rows of %s", total, opts.table)
 

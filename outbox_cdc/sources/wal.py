@@ -10,6 +10,7 @@ slot.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import re
@@ -37,7 +38,7 @@ from outbox_cdc.protocol.replication import (
     parse_xlogdata_header,
     status_update,
 )
-from outbox_cdc.sources.base import Begin, Commit, Item
+from outbox_cdc.sources.base import Begin, CleanupObserver, Commit, Item
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,11 @@ class WalSourceOptions:
     offset_interval: float = 1.0
     connect_timeout: float = 10.0
     application_name: str = "outbox-cdc"
+    heartbeat_interval: float = 0.0  # 0: no heartbeat messages
+    retention: float | None = None  # None: never delete rows; 0: once delivered
+    cleanup_interval: float = 10.0
+    cleanup_window: int = 1000
+    cleanup_budget: float = 0.2
 
     def __post_init__(self) -> None:
         if not _SLOT_RE.fullmatch(self.slot):
@@ -75,6 +81,12 @@ class WalSourceOptions:
     def qualified_table(self) -> str:
         return self.table if "." in self.table else f"public.{self.table}"
 
+    @property
+    def heartbeat_prefix(self) -> str:
+        # never equal to the message prefix: wal2json's add-msg-prefixes drops it, only the
+        # transaction's B/C (with its commit time) reaches the relay
+        return f"{self.message_prefix or 'outbox-cdc'}.heartbeat"
+
 
 def _describe(exc: BaseException) -> str:
     """One line about a driver error, without the connection string."""
@@ -87,8 +99,14 @@ class WalSource:
 
     name = "PostgreSQL"
 
-    def __init__(self, options: WalSourceOptions) -> None:
+    def __init__(self, options: WalSourceOptions, cleanup_observer: CleanupObserver | None = None):
         self.options = options
+        self.cleanup_observer = cleanup_observer
+        self._next_heartbeat = 0.0
+        self._next_cleanup = 0.0
+        self._cleanup_failing = False
+        self._commit_times: collections.deque[tuple[int, float]] = collections.deque()
+        self.confirmed_commit_time: float | None = None  # of the last confirmed transaction
         self._decoder = wal2json.Wal2JsonDecoder(options.message_prefix)
         self._repl: psycopg.Connection[Any] | None = None
         self._ctl: psycopg.Connection[Any] | None = None
@@ -262,6 +280,8 @@ class WalSource:
                                 prev.commit_time = self._txn_time
                             else:
                                 out.append(Commit(start, self._txn_time))
+                            if self._txn_time is not None:
+                                self._commit_times.append((start, self._txn_time))
                         elif item is not wal2json.IGNORED:
                             out.append(item)  # type: ignore[arg-type]
                         self._idle_pos = None
@@ -320,6 +340,9 @@ class WalSource:
     def confirm(self, confirmed: int, delivered: int) -> None:
         if confirmed > self._flushed:
             self._flushed = confirmed
+            times = self._commit_times
+            while times and times[0][0] <= confirmed:
+                self.confirmed_commit_time = times.popleft()[1]
         if delivered > self._delivered:
             self._delivered = delivered
         self.tick()
@@ -342,6 +365,67 @@ class WalSource:
             and now - self._last_offset_save >= self.options.offset_interval
         ):
             self._save_offset()
+        if self.options.heartbeat_interval and now >= self._next_heartbeat:
+            self._heartbeat(now)
+        if self.options.retention is not None and now >= self._next_cleanup:
+            self._cleanup(now)
+
+    def _heartbeat(self, now: float) -> None:
+        """A transactional logical-decoding message the relay never publishes: its transaction
+        comes back through the slot with a commit time, so lag is measured while idle."""
+        self._next_heartbeat = now + self.options.heartbeat_interval
+        if self._ctl is None:
+            return
+        try:
+            self._ctl.execute(
+                "SELECT pg_logical_emit_message(true, %s, '')", (self.options.heartbeat_prefix,)
+            )
+        except psycopg.Error as exc:
+            log.warning(
+                "heartbeat failed (retrying in %gs): %s",
+                self.options.heartbeat_interval,
+                _describe(exc),
+            )
+
+    def _cleanup(self, now: float) -> None:
+        """Delete outbox rows older than the retention, and never rows created after the last
+        confirmed transaction committed (the rows are only the copy for ``outbox-cdc recover``:
+        delivery reads the WAL). A window of the lowest seqs at a time, for a bounded time."""
+        opts = self.options
+        self._next_cleanup = now + opts.cleanup_interval
+        confirmed_at = self.confirmed_commit_time
+        if self._ctl is None or confirmed_at is None or opts.retention is None:
+            return
+        cutoff = min(time.time() - opts.retention, confirmed_at)
+        t = opts.qualified_table
+        started = time.monotonic()
+        deleted, failed = 0, False
+        try:
+            while time.monotonic() - started < opts.cleanup_budget:
+                cur = self._ctl.execute(
+                    f"DELETE FROM {t} WHERE seq IN (SELECT seq FROM {t} WHERE seq <= (SELECT"
+                    f" max(seq) FROM (SELECT seq FROM {t} ORDER BY seq LIMIT %s) w)"
+                    " AND created_at < to_timestamp(%s) FOR UPDATE SKIP LOCKED)",
+                    (opts.cleanup_window, cutoff),
+                )
+                if not cur.rowcount:
+                    break
+                deleted += cur.rowcount
+            if self._cleanup_failing:
+                log.info("clean-up of old outbox rows works again")
+            self._cleanup_failing = False
+        except psycopg.Error as exc:
+            failed = True
+            if not self._cleanup_failing:
+                log.warning(
+                    "clean-up of old outbox rows failed (retrying every %gs; delivery is not "
+                    "affected): %s",
+                    opts.cleanup_interval,
+                    _describe(exc),
+                )
+            self._cleanup_failing = True
+        if self.cleanup_observer is not None:
+            self.cleanup_observer.cleanup(time.monotonic() - started, deleted, failed)
 
     def _send_status(self, force: bool) -> None:
         pgconn = self._pgconn
@@ -361,7 +445,7 @@ class WalSource:
         if self._ctl is None:
             return
         try:
-            save_offset(self._ctl, self.options.slot, self._delivered)
+            save_offset(self._ctl, self.options.slot, self._delivered, self.confirmed_commit_time)
             self._saved_offset = self._delivered
         except psycopg.Error as exc:
             # Only a duplicate-avoidance aid: the slot itself never runs ahead of delivery.
@@ -398,10 +482,10 @@ def invalidated_message(slot: str) -> str:
     return (
         f"replication slot {slot!r} was invalidated: it retained more WAL than "
         "max_slot_wal_keep_size allows and PostgreSQL removed WAL it still needed. Events "
-        "committed while it was lost were not streamed. Recover: drop the slot "
-        f"(SELECT pg_drop_replication_slot('{slot}')), recreate it with 'outbox-cdc init', and "
-        "re-publish outbox rows written since the last delivered event; consider a larger "
-        "max_slot_wal_keep_size"
+        "committed since the last delivered one were not streamed. Stop every relay of this "
+        "slot, then run 'outbox-cdc recover': it recreates the slot and re-publishes the "
+        "outbox rows written since the last delivered event (docs/operations.md); consider a "
+        "larger max_slot_wal_keep_size"
     )
 
 
@@ -429,14 +513,19 @@ def load_offset(conn: psycopg.Connection[Any], slot: str) -> int:
     return parse_lsn(row[0]) if row else 0
 
 
-def save_offset(conn: psycopg.Connection[Any], slot: str, lsn: int) -> None:
+def save_offset(
+    conn: psycopg.Connection[Any], slot: str, lsn: int, commit_time: float | None = None
+) -> None:
     try:
         conn.execute(
-            f"INSERT INTO {OFFSETS_TABLE} (slot_name, delivered_lsn, updated_at)"
-            " VALUES (%s, %s::pg_lsn, now()) ON CONFLICT (slot_name) DO UPDATE"
+            f"INSERT INTO {OFFSETS_TABLE} (slot_name, delivered_lsn, delivered_commit_time,"
+            " updated_at) VALUES (%s, %s::pg_lsn, to_timestamp(%s), now())"
+            " ON CONFLICT (slot_name) DO UPDATE"
             " SET delivered_lsn = GREATEST(EXCLUDED.delivered_lsn,"
-            f" {OFFSETS_TABLE}.delivered_lsn), updated_at = now()",
-            (slot, format_lsn(lsn)),
+            f" {OFFSETS_TABLE}.delivered_lsn), delivered_commit_time = GREATEST("
+            f"EXCLUDED.delivered_commit_time, {OFFSETS_TABLE}.delivered_commit_time),"
+            " updated_at = now()",
+            (slot, format_lsn(lsn), commit_time),
         )
     except pgerr.UndefinedTable:
         log.warning(

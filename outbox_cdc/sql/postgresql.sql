@@ -31,6 +31,9 @@ CREATE TABLE IF NOT EXISTS outbox_cdc_offsets (
     delivered_lsn pg_lsn      NOT NULL,
     updated_at    timestamptz NOT NULL DEFAULT now()
 );
+-- commit time of the last transaction confirmed with it: where 'outbox-cdc recover' starts
+-- re-publishing after a lost slot
+ALTER TABLE outbox_cdc_offsets ADD COLUMN IF NOT EXISTS delivered_commit_time timestamptz;
 
 -- Which schema version each outbox table has, so later versions can migrate in place.
 CREATE TABLE IF NOT EXISTS outbox_cdc_schema (
