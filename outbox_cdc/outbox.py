@@ -10,7 +10,9 @@ Statements are built once per (database, parameter style, table, batch size) and
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -301,6 +303,7 @@ class Outbox:
         message_prefix: str = DEFAULT_MESSAGE_PREFIX,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         capture_trace_context: bool = True,
+        registry: Any = None,
     ) -> None:
         if mode not in ("table", "message"):
             raise ConfigurationError(f"mode: {mode!r}; expected 'table' or 'message'")
@@ -319,6 +322,13 @@ class Outbox:
         self.message_prefix = message_prefix
         self.max_payload_bytes = max_payload_bytes
         self.capture_trace_context = capture_trace_context
+        # ``registry``: a prometheus_client CollectorRegistry of the application's; the store
+        # timer and errors go there (outbox_cdc_store_seconds, outbox_cdc_store_errors_total).
+        self._metrics: Any = None
+        if registry is not None:
+            from outbox_cdc.metrics import StoreMetrics
+
+            self._metrics = StoreMetrics.for_registry(registry)
 
     # -- building -------------------------------------------------------------------------------
 
@@ -408,6 +418,27 @@ class Outbox:
             out.append(_bind(target, sql, params))
         return out
 
+    @contextlib.contextmanager
+    def _measure(self) -> Iterator[None]:
+        """Store timer and errors, when the application passed a registry."""
+        metrics = self._metrics
+        if metrics is None:
+            yield
+            return
+        started = time.perf_counter()
+        try:
+            yield
+        except EventValidationError:
+            metrics.errors.labels(reason="invalid_event").inc()
+            raise
+        except UnsupportedConnectionError:
+            metrics.errors.labels(reason="unsupported_connection").inc()
+            raise
+        except Exception:
+            metrics.errors.labels(reason="database").inc()
+            raise
+        metrics.seconds.observe(time.perf_counter() - started)
+
     # -- sync -----------------------------------------------------------------------------------
 
     def publish(
@@ -423,16 +454,17 @@ class Outbox:
         content_type: str | None = None,
     ) -> uuid.UUID:
         """Write one event in the caller's transaction; returns its id."""
-        event = self.event(
-            topic=topic,
-            type=type,
-            payload=payload,
-            key=key,
-            headers=headers,
-            id=id,
-            content_type=content_type,
-        )
-        self._run(conn, [event], many=False)
+        with self._measure():
+            event = self.event(
+                topic=topic,
+                type=type,
+                payload=payload,
+                key=key,
+                headers=headers,
+                id=id,
+                content_type=content_type,
+            )
+            self._run(conn, [event], many=False)
         return event.id
 
     def publish_many(
@@ -441,9 +473,10 @@ class Outbox:
         """Write several events in the given order, in one statement (one round trip) unless
         the batch exceeds 1000 events or 4 MiB of payload; returns their ids. All are validated
         before the first is written."""
-        built = self._events(events)
-        if built:
-            self._run(conn, built, many=True)
+        with self._measure():
+            built = self._events(events)
+            if built:
+                self._run(conn, built, many=True)
         return [e.id for e in built]
 
     def _run(self, conn: Any, events: Sequence[OutboxEvent], *, many: bool) -> None:
@@ -495,25 +528,27 @@ class Outbox:
         content_type: str | None = None,
     ) -> uuid.UUID:
         """Async twin of :meth:`publish` (psycopg AsyncConnection, SQLAlchemy async)."""
-        event = self.event(
-            topic=topic,
-            type=type,
-            payload=payload,
-            key=key,
-            headers=headers,
-            id=id,
-            content_type=content_type,
-        )
-        await self._run_async(conn, [event], many=False)
+        with self._measure():
+            event = self.event(
+                topic=topic,
+                type=type,
+                payload=payload,
+                key=key,
+                headers=headers,
+                id=id,
+                content_type=content_type,
+            )
+            await self._run_async(conn, [event], many=False)
         return event.id
 
     async def publish_many_async(
         self, conn: Any, events: Iterable[OutboxEvent | Mapping[str, Any]]
     ) -> list[uuid.UUID]:
         """Async twin of :meth:`publish_many`."""
-        built = self._events(events)
-        if built:
-            await self._run_async(conn, built, many=True)
+        with self._measure():
+            built = self._events(events)
+            if built:
+                await self._run_async(conn, built, many=True)
         return [e.id for e in built]
 
     async def _run_async(self, conn: Any, events: Sequence[OutboxEvent], *, many: bool) -> None:

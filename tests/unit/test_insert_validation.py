@@ -497,3 +497,28 @@ def test_ddl_statements_keep_dollar_quoted_function_bodies_whole() -> None:
     assert "RETURN NULL;" in function
     assert any(s.startswith("CREATE OR REPLACE TRIGGER outbox_notify") for s in stmts)
     assert any(s.startswith("CREATE INDEX IF NOT EXISTS outbox_pending") for s in stmts)
+
+
+def test_store_metrics_go_to_the_registry_the_application_passes() -> None:
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    conn = sqlite3.connect(":memory:")
+    for stmt in statements(ddl("sqlite", "outbox")):
+        conn.execute(stmt)
+    outbox = Outbox("outbox", registry=registry, capture_trace_context=False)
+    second = Outbox("outbox", registry=registry)  # shares the same metrics, no clash
+    outbox.publish(conn, topic="t", type="x", payload=b"1")
+    second.publish_many(conn, [{"topic": "t", "type": "x", "payload": b"2"}])
+    with pytest.raises(EventValidationError):
+        outbox.publish(conn, topic="", type="x", payload=b"1")
+    with pytest.raises(UnsupportedConnectionError):
+        outbox.publish(object(), topic="t", type="x", payload=b"1")
+    conn.execute("DROP TABLE outbox")
+    with pytest.raises(sqlite3.OperationalError):
+        outbox.publish(conn, topic="t", type="x", payload=b"1")
+    value = registry.get_sample_value
+    assert value("outbox_cdc_store_seconds_count") == 2
+    assert value("outbox_cdc_store_errors_total", {"reason": "invalid_event"}) == 1
+    assert value("outbox_cdc_store_errors_total", {"reason": "unsupported_connection"}) == 1
+    assert value("outbox_cdc_store_errors_total", {"reason": "database"}) == 1
