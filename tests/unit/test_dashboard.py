@@ -5,6 +5,7 @@ fewer."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterator
@@ -14,8 +15,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from outbox_cdc import Outbox
-from outbox_cdc.metrics import PREFIX, PROBE_GAUGES, RelayMetrics
+from outbox_cdc.metrics import PREFIX, PROBE_GAUGES, RelayMetrics, StoreMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "outbox-cdc.json"
@@ -26,20 +26,20 @@ NAME = re.compile(rf"\b{PREFIX}[a-zA-Z0-9_:]*")
 DOC_ROW = re.compile(rf"^\|\s*`({PREFIX}[a-zA-Z0-9_:]*)`\s*\|", re.MULTILINE)
 
 
-def registries() -> list[CollectorRegistry]:
-    """Every registry the project fills: the relay's, with every probe gauge set (they are only
-    exported once the watchdog has a value), and an application's after ``Outbox(registry=)``."""
+@functools.cache
+def families() -> tuple[tuple[str, str], ...]:
+    """(name, type) of every metric family the project exports: the relay's, with every probe
+    gauge set (they are only exported once the watchdog has a value), and the insert API's, as
+    ``Outbox(table, registry=registry)`` adds them to an application's registry."""
     relay = RelayMetrics(version="0.0.0", mode="wal")
     relay.set_probe(dict.fromkeys(PROBE_GAUGES, 1.0))
     app = CollectorRegistry()
-    Outbox("public.outbox", registry=app)
-    return [relay.registry, app]
-
-
-def families() -> Iterator[tuple[str, str]]:
-    for registry in registries():
-        for family in registry.collect():
-            yield family.name, family.type
+    StoreMetrics(app)  # what Outbox(registry=app) registers, through StoreMetrics.for_registry
+    return tuple(
+        (family.name, family.type)
+        for registry in (relay.registry, app)
+        for family in registry.collect()
+    )
 
 
 def documented_name(name: str, kind: str) -> str:
