@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from outbox_cdc.errors import ConfigurationError
+from outbox_cdc.errors import ConfigurationError, OutboxError
 from outbox_cdc.schema import ddl, statements
 from outbox_cdc.sources.polling_databases import dialect_of, mysql_connect_args
 from outbox_cdc.sources.wal import create_slot
@@ -458,7 +458,15 @@ def recover(
         if state is not None:
             conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
         lsn = create_slot(conn, slot)
-        published = _republish(conn, table, cutoff, params, sink_factory, source_name, timeout)
+        try:
+            published = _republish(conn, table, cutoff, params, sink_factory, source_name, timeout)
+        except Exception as exc:
+            # The slot is healthy now, so a plain rerun would find nothing to recover.
+            again = f" --since '{since.isoformat()}'" if since is not None else ""
+            raise OutboxError(
+                f"slot {slot!r} was recreated at {lsn}, but re-publishing failed: {exc}. Fix "
+                f"the cause, then run: outbox-cdc recover --force{again}"
+            ) from None
     return Recovery(slot, status, lsn, _iso(since), rows, published, False)
 
 

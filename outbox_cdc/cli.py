@@ -131,6 +131,7 @@ _slot = click.option(
     help="Create the slot when missing [default: create]",
 )
 @click.option("--dead-letter-topic", help="Route records Kafka refuses for good to this topic")
+@click.option("--http-port", type=int, help="Serve /metrics, /healthz, /readyz on this port")
 @click.option(
     "--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)
 )
@@ -465,7 +466,15 @@ def check(
 @click.option("--slot", help="Replication slot [default: outbox_cdc]")
 @click.option(
     "--since",
-    type=click.DateTime(formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]),
+    type=click.DateTime(
+        formats=[
+            "%Y-%m-%dT%H:%M:%S.%f%z",
+            "%Y-%m-%dT%H:%M:%S%z",
+            "%Y-%m-%dT%H:%M:%S.%f",
+            "%Y-%m-%dT%H:%M:%S",
+            "%Y-%m-%d %H:%M:%S",
+        ]
+    ),
     help="Re-publish rows created at or after this time (UTC if no offset) instead of the "
     "recorded last delivery minus --margin",
 )

@@ -37,7 +37,9 @@ class RelayView(Protocol):
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+    first = text[0] if text else ""
+    name = type(exc).__name__
+    return first if first.startswith(name) else f"{name}: {first}".strip()
 
 
 # -- probes --------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -41,7 +42,7 @@ LATENCY_BUCKETS = (
     300.0,
     600.0,
 )
-STATES = ("streaming", "standby", "stalled", "failing", "stopped")
+STATES = ("starting", "streaming", "standby", "stalled", "failing", "stopped")
 ACTIVE_STATES = ("streaming", "stalled")
 
 
@@ -112,8 +113,8 @@ class RelayMetrics:
         )
         self._state = Gauge(
             PREFIX + "relay_state",
-            "1 for the relay's current state: streaming, standby, stalled (Kafka acknowledges "
-            "nothing), failing (reconnecting), stopped",
+            "1 for the relay's current state: starting, streaming, standby, stalled (Kafka "
+            "acknowledges nothing), failing (reconnecting), stopped",
             ["state"],
             registry=r,
         )
@@ -148,7 +149,7 @@ class RelayMetrics:
         r.register(self._probe)
         for state in STATES:
             self._state.labels(state=state).set(0)
-        self.state("stopped")
+        self.state("starting")
 
     # -- wiring ---------------------------------------------------------------------------------
 
@@ -239,7 +240,9 @@ class StoreMetrics:
     application's registry: ``outbox_cdc_store_seconds`` and ``outbox_cdc_store_errors_total``
     (by reason: invalid_event, unsupported_connection, database)."""
 
-    _instances: dict[int, StoreMetrics] = {}
+    _instances: weakref.WeakKeyDictionary[CollectorRegistry, StoreMetrics] = (
+        weakref.WeakKeyDictionary()
+    )
     _lock = threading.Lock()
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -260,7 +263,7 @@ class StoreMetrics:
     def for_registry(cls, registry: CollectorRegistry) -> StoreMetrics:
         """One instance per registry: several Outbox objects share the same metrics."""
         with cls._lock:
-            found = cls._instances.get(id(registry))
+            found = cls._instances.get(registry)
             if found is None:
-                found = cls._instances[id(registry)] = cls(registry)
+                found = cls._instances[registry] = cls(registry)
             return found

@@ -214,10 +214,10 @@ class Relay:
                         )
                     else:
                         self._salvage()
+                        name = self.source.name
                         what = (
-                            f"{self.source.name}: %s; delivered up to %s; reconnecting with "
-                            "backoff (at most %.0fs)"
-                        )
+                            "" if str(exc).startswith(name) else f"{name}: "
+                        ) + "%s; delivered up to %s; reconnecting with backoff (at most %.0fs)"
                     self._set_state(
                         f"failing:{type(exc).__name__}",
                         what,
@@ -232,7 +232,13 @@ class Relay:
             self._shutdown()
 
     def _sleep(self, seconds: float) -> None:
-        self._stopping.wait(seconds)
+        """Wait (backoff, standby), staying visibly alive for /healthz."""
+        deadline = time.monotonic() + seconds
+        while not self._stopping.is_set():
+            self.loop_time = now = time.monotonic()
+            if now >= deadline:
+                return
+            self._stopping.wait(min(5.0, deadline - now))
 
     def _run_once(self, backoff: _Backoff) -> None:
         if self.sink is None:
@@ -439,6 +445,7 @@ class Relay:
     def _poison(self, err: EventDecodeError, txn: Transaction, generation: int) -> None:
         """A committed row that cannot become a record: dead-letter it or stop."""
         topic = self.options.dead_letter_topic
+        self.observer.error("undecodable")
         if not topic:
             self._unackable += 1
             raise PoisonEventError(
@@ -447,7 +454,6 @@ class Relay:
                 "(--dead-letter-topic) to route such rows there"
             )
         log.error("%s; sending it to dead-letter topic %s", err, topic)
-        self.observer.error("undecodable")
         rec = KafkaRecord(
             topic=topic,
             key=None,

@@ -105,6 +105,7 @@ class WalSource:
         self._next_heartbeat = 0.0
         self._next_cleanup = 0.0
         self._cleanup_failing = False
+        self._heartbeat_failing = False
         self._commit_times: collections.deque[tuple[int, float]] = collections.deque()
         self.confirmed_commit_time: float | None = None  # of the last confirmed transaction
         self._decoder = wal2json.Wal2JsonDecoder(options.message_prefix)
@@ -380,7 +381,13 @@ class WalSource:
             self._ctl.execute(
                 "SELECT pg_logical_emit_message(true, %s, '')", (self.options.heartbeat_prefix,)
             )
+            if self._heartbeat_failing:
+                log.info("heartbeats work again")
+            self._heartbeat_failing = False
         except psycopg.Error as exc:
+            if self._heartbeat_failing:
+                return
+            self._heartbeat_failing = True
             log.warning(
                 "heartbeat failed (retrying in %gs): %s",
                 self.options.heartbeat_interval,
@@ -396,7 +403,10 @@ class WalSource:
         confirmed_at = self.confirmed_commit_time
         if self._ctl is None or confirmed_at is None or opts.retention is None:
             return
-        cutoff = min(time.time() - opts.retention, confirmed_at)
+        # created_at is the application's clock when the event was built, before its
+        # transaction committed: counting the retention from the last confirmed commit keeps
+        # the rows of transactions still open then (if shorter than the retention) for recover.
+        cutoff = min(time.time(), confirmed_at) - opts.retention
         t = opts.qualified_table
         started = time.monotonic()
         deleted, failed = 0, False
@@ -526,6 +536,15 @@ def save_offset(
             f"EXCLUDED.delivered_commit_time, {OFFSETS_TABLE}.delivered_commit_time),"
             " updated_at = now()",
             (slot, format_lsn(lsn), commit_time),
+        )
+    except pgerr.UndefinedColumn:
+        # an offsets table of an earlier version: 'outbox-cdc init' adds the column
+        conn.execute(
+            f"INSERT INTO {OFFSETS_TABLE} (slot_name, delivered_lsn, updated_at)"
+            " VALUES (%s, %s::pg_lsn, now()) ON CONFLICT (slot_name) DO UPDATE"
+            " SET delivered_lsn = GREATEST(EXCLUDED.delivered_lsn,"
+            f" {OFFSETS_TABLE}.delivered_lsn), updated_at = now()",
+            (slot, format_lsn(lsn)),
         )
     except pgerr.UndefinedTable:
         log.warning(
