@@ -415,7 +415,7 @@ class WalSource:
                 cur = self._ctl.execute(
                     f"DELETE FROM {t} WHERE seq IN (SELECT seq FROM {t} WHERE seq <= (SELECT"
                     f" max(seq) FROM (SELECT seq FROM {t} ORDER BY seq LIMIT %s) w)"
-                    " AND created_at < to_timestamp(%s) FOR UPDATE SKIP LOCKED)",
+                    " AND created_at < to_timestamp(%s))",
                     (opts.cleanup_window, cutoff),
                 )
                 if not cur.rowcount:

@@ -162,3 +162,10 @@ def test_http_endpoints_answer_with_status_and_reason() -> None:
             assert r.status == 200
     finally:
         server.stop()
+
+
+def test_the_relay_stays_alive_while_it_waits_for_a_retry_or_as_a_standby() -> None:
+    relay = Relay(FakeSource([]), MemorySink, RelayOptions())
+    relay.loop_time = 0.0
+    relay._sleep(0.05)
+    assert time.monotonic() - relay.loop_time < 1.0
