@@ -30,7 +30,18 @@ echo "==> outbox-cdc init"
 echo "==> outbox-cdc start (log: .demo-relay.log)"
 .venv/bin/outbox-cdc start >.demo-relay.log 2>&1 &
 relay=$!
-trap 'kill -TERM $relay 2>/dev/null; wait $relay 2>/dev/null; echo "relay stopped"' EXIT
+cleanup() {
+    kill -TERM "$relay" 2>/dev/null
+    wait "$relay" 2>/dev/null
+    echo "relay stopped"
+    # A slot nobody reads makes PostgreSQL keep WAL: the demo's goes with the demo.
+    .venv/bin/python -c 'import os, psycopg
+with psycopg.connect(os.environ["OUTBOX_CDC_DATABASE_URL"], autocommit=True) as c:
+    c.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+              " WHERE slot_name = %s AND NOT active", (os.environ["OUTBOX_CDC_SLOT"],))' \
+        && echo "replication slot $OUTBOX_CDC_SLOT dropped (the next run creates it again)"
+}
+trap cleanup EXIT
 
 .venv/bin/python - "$topic" "${DEMO_EVENTS:-5}" <<'PY'
 import os
