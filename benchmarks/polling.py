@@ -542,6 +542,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         help="extra OUTBOX_CDC_* setting for every relay (repeatable), e.g. "
         "OUTBOX_CDC_POLL_INTERVAL=0.05",
     )
+    p.add_argument(
+        "--relay-command",
+        default="",
+        help="run the relays with this command instead of `outbox-cdc start` (see relay.py)",
+    )
     p.add_argument("--mysql-url", default=os.environ.get("OUTBOX_CDC_TEST_MYSQL_URL"))
     p.add_argument("--database-url", default=os.environ.get("OUTBOX_CDC_TEST_POSTGRES_URL"))
     p.add_argument("--admin-url", default=os.environ.get("OUTBOX_CDC_TEST_POSTGRES_ADMIN_URL"))
@@ -570,6 +575,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     for opt in ("database_url", "admin_url", "bootstrap_servers"):
         if getattr(o, opt):
             base += [f"--{opt.replace('_', '-')}", getattr(o, opt)]
+    if o.relay_command:
+        base += ["--relay-command", o.relay_command]
     for item in o.relay_env:
         base += ["--relay-env", item]
     a = rb.parse_args(base)
