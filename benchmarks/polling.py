@@ -14,6 +14,7 @@ variant                     database relay                                     m
 postgresql-wal              PG       WAL (wal2json slot)                       latency, backlog
 postgresql-polling-mark     PG       polling, default retention (rows marked)  latency, backlog
 postgresql-polling-delete   PG       polling, retention 0 (rows deleted)       backlog
+postgresql-polling-notify   PG       polling, init --notify, poll_notify=true  latency
 mariadb-polling-mark        MariaDB  polling, default retention                latency, backlog
 mariadb-polling-delete      MariaDB  polling, retention 0                      backlog
 sqlite-polling-mark         SQLite   polling, default retention                latency, backlog
