@@ -165,9 +165,9 @@ class Relay:
 
     def _wake(self) -> None:
         # Runs once per acknowledgment, on the client's IO thread. One byte per wake-up is
-        # enough: while an earlier byte is unread, the loop has not drained the queue yet and
-        # will see this completion too (it clears the flag before it reads the byte and the
-        # queue). A plain try is cheaper than contextlib.suppress here.
+        # enough: while the flag is set, a byte is unread or the loop is about to clear the
+        # flag and then drain the queue, so it sees this completion too (see _drain_wake).
+        # A plain try is cheaper than contextlib.suppress here.
         if self._wake_pending:
             return
         self._wake_pending = True
@@ -347,12 +347,17 @@ class Relay:
         self._drain_wake()
 
     def _drain_wake(self) -> None:
-        self._wake_pending = False
+        # Read the bytes first, then clear the flag, and only then drain the queue (callers
+        # do). Clearing first loses a wake-up: a completion arriving in between sets the flag
+        # and sends a byte that this read swallows; the flag then stays set with no byte
+        # pending, later completions send none, and the loop sleeps out its whole timeout
+        # (seen as one-second stalls between polling batches).
         try:
             while self._wake_r.recv(4096):
                 pass
         except (BlockingIOError, OSError):
             pass
+        self._wake_pending = False
 
     def _drain_completions(self) -> None:
         tracker = self.tracker

@@ -315,3 +315,32 @@ def test_stop_reads_on_to_the_end_of_a_partly_read_transaction() -> None:
     relay.run()
     assert len(sink.records) == 7
     assert source.confirmed == 70
+
+
+def test_an_acknowledgment_during_the_wake_drain_is_not_lost() -> None:
+    """The IO thread acknowledges while the loop reads the wake-up socket: afterwards the next
+    acknowledgment must still make the socket readable (else the loop sleeps out its timeout)."""
+    import select
+
+    relay = Relay(FakeSource([]), MemorySink, RelayOptions())
+    real = relay._wake_r
+
+    class AckDuringRecv:
+        calls = 0
+
+        def recv(self, n: int) -> bytes:
+            self.calls += 1
+            if self.calls == 1:
+                relay._wake()  # the client's IO thread, right now
+            return real.recv(n)
+
+        def fileno(self) -> int:
+            return real.fileno()
+
+    relay._wake()  # an earlier acknowledgment's byte
+    relay._wake_r = AckDuringRecv()  # type: ignore[assignment]
+    relay._drain_wake()
+    relay._wake_r = real
+    relay._wake()  # the next acknowledgment
+    readable, _, _ = select.select([real], [], [], 0)
+    assert readable, "the wake-up byte of the next acknowledgment was never sent"
