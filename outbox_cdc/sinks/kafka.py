@@ -6,6 +6,7 @@ log a secret (security settings are passed through, never printed).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Mapping
@@ -215,6 +216,15 @@ class KafkaSink:
             self._producer.close(timeout=timeout)
         except Exception as exc:  # closing must not mask the error that made us close
             log.debug("closing the Kafka producer failed: %s", exc)
+            # kafka-python's close() raises from its flush when records are still pending and
+            # leaves the producer half open; its __del__ then raises again at exit ("Exception
+            # ignored in KafkaProducer.__del__"). Finish the close by hand: those records are
+            # unacknowledged, so nothing was confirmed for them.
+            sender = getattr(self._producer, "_sender", None)
+            if sender is not None:
+                with contextlib.suppress(Exception):
+                    sender.force_close()
+            self._producer._closed = True
 
 
 def _ok(on_done: DeliveryCallback, _metadata: object) -> None:
