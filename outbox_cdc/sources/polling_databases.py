@@ -146,13 +146,63 @@ def _chunks(seqs: Sequence[int]) -> list[Sequence[int]]:
     return [seqs[i : i + _CHUNK] for i in range(0, len(seqs), _CHUNK)]
 
 
+class _SqlDatabase:
+    """What the three databases share: the statements differ, the steps do not. Subclasses set
+    the statements (``{}`` in ``_mark``/``_delete`` is the list of placeholders), ``_ph``, and
+    ``_run``, which maps driver errors to SourceError."""
+
+    name = ""
+    table = ""
+    _ph = "%s"
+    _fetch = _mark = _delete = _window = _cleanup = _pending = ""
+
+    def _run(self, what: str, query: str, params: Sequence[Any] = ()) -> Any:
+        raise NotImplementedError
+
+    def _cleanup_params(self, hi: int, retention: float) -> tuple[Any, ...]:
+        return (hi, retention)
+
+    def _age(self, value: Any) -> float:
+        return float(value)
+
+    def fetch(self, limit: int) -> list[Row]:
+        return list(self._run("reading the outbox", self._fetch, (limit,)).fetchall())
+
+    def _each_chunk(self, what: str, template: str, seqs: Sequence[int]) -> None:
+        for chunk in _chunks(seqs):
+            self._run(what, template.format(",".join([self._ph] * len(chunk))), chunk)
+
+    def mark(self, seqs: Sequence[int]) -> None:
+        self._each_chunk("marking published rows", self._mark, seqs)
+
+    def delete(self, seqs: Sequence[int]) -> None:
+        self._each_chunk("deleting published rows", self._delete, seqs)
+
+    def cleanup(self, retention: float, window: int) -> int:
+        hi = self._run("cleaning up", self._window, (window,)).fetchone()
+        if hi is None or hi[0] is None:
+            return 0
+        cur = self._run("cleaning up", self._cleanup, self._cleanup_params(hi[0], retention))
+        return int(cur.rowcount or 0)
+
+    def pending(self) -> tuple[int, float | None]:
+        row = self._run("counting pending rows", self._pending).fetchone()
+        return int(row[0]), (None if row[1] is None else max(0.0, self._age(row[1])))
+
+    def wake_fd(self) -> int | None:
+        return None
+
+    def drain_wake(self) -> bool:
+        return False
+
+
 # -- PostgreSQL ----------------------------------------------------------------------------------
 
 
 NOTIFY_CHANNEL = "outbox_cdc"
 
 
-class PostgresDatabase:
+class PostgresDatabase(_SqlDatabase):
     """``listen``: LISTEN on ``outbox_cdc``, where the trigger of ``outbox-cdc init --polling
     --notify`` sends the table's name after each INSERT statement (sql/postgresql-notify.sql)."""
 
@@ -177,8 +227,12 @@ class PostgresDatabase:
             f"DELETE FROM {t} WHERE seq IN (SELECT seq FROM {t} WHERE seq <= %s"
             " AND published_at < now() - make_interval(secs => %s) FOR UPDATE SKIP LOCKED)"
         )
+        self._pending = (
+            "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8"
+            f" FROM {t} WHERE published_at IS NULL"
+        )
 
-    def _run(self, what: str, query: str, params: tuple[Any, ...] = ()) -> Any:
+    def _run(self, what: str, query: str, params: Sequence[Any] = ()) -> Any:
         import psycopg
 
         if self._conn is None:
@@ -264,29 +318,11 @@ class PostgresDatabase:
             ]
         return []
 
-    def fetch(self, limit: int) -> list[Row]:
-        return list(self._run("reading the outbox", self._fetch, (limit,)).fetchall())
-
-    def mark(self, seqs: Sequence[int]) -> None:
+    def mark(self, seqs: Sequence[int]) -> None:  # one array parameter, whatever the count
         self._run("marking published rows", self._mark, (list(seqs),))
 
     def delete(self, seqs: Sequence[int]) -> None:
         self._run("deleting published rows", self._delete, (list(seqs),))
-
-    def cleanup(self, retention: float, window: int) -> int:
-        hi = self._run("cleaning up", self._window, (window,)).fetchone()
-        if hi is None or hi[0] is None:
-            return 0
-        cur = self._run("cleaning up", self._cleanup, (hi[0], retention))
-        return int(cur.rowcount or 0)
-
-    def pending(self) -> tuple[int, float | None]:
-        row = self._run(
-            "counting pending rows",
-            f"SELECT count(*), extract(epoch FROM now() - min(created_at))::float8 FROM"
-            f" {self.table} WHERE published_at IS NULL",
-        ).fetchone()
-        return int(row[0]), (None if row[1] is None else max(0.0, float(row[1])))
 
     def close(self) -> None:
         if self._conn is not None:
@@ -298,7 +334,7 @@ class PostgresDatabase:
 # -- MySQL / MariaDB -----------------------------------------------------------------------------
 
 
-class MySqlDatabase:
+class MySqlDatabase(_SqlDatabase):
     name = "MySQL/MariaDB"
 
     def __init__(self, url: str, table: str, connect_timeout: float = 10.0) -> None:
@@ -319,6 +355,16 @@ class MySqlDatabase:
             f"DELETE FROM {t} WHERE seq <= %s AND published_at IS NOT NULL"
             " AND published_at < UTC_TIMESTAMP(6) - INTERVAL %s MICROSECOND"
         )
+        self._pending = (
+            "SELECT count(*), TIMESTAMPDIFF(MICROSECOND, min(created_at), UTC_TIMESTAMP(6))"
+            f" FROM {t} WHERE published_at IS NULL"
+        )
+
+    def _cleanup_params(self, hi: int, retention: float) -> tuple[Any, ...]:
+        return (hi, int(retention * 1_000_000))
+
+    def _age(self, value: Any) -> float:
+        return int(value) / 1e6
 
     def _run(self, what: str, query: str, params: Sequence[Any] = ()) -> Any:
         import pymysql
@@ -380,40 +426,6 @@ class MySqlDatabase:
             )
         return []
 
-    def fetch(self, limit: int) -> list[Row]:
-        return list(self._run("reading the outbox", self._fetch, (limit,)).fetchall())
-
-    def _each_chunk(self, what: str, template: str, seqs: Sequence[int]) -> None:
-        for chunk in _chunks(seqs):
-            self._run(what, template.format(",".join(["%s"] * len(chunk))), chunk)
-
-    def mark(self, seqs: Sequence[int]) -> None:
-        self._each_chunk("marking published rows", self._mark, seqs)
-
-    def delete(self, seqs: Sequence[int]) -> None:
-        self._each_chunk("deleting published rows", self._delete, seqs)
-
-    def cleanup(self, retention: float, window: int) -> int:
-        hi = self._run("cleaning up", self._window, (window,)).fetchone()
-        if hi is None or hi[0] is None:
-            return 0
-        cur = self._run("cleaning up", self._cleanup, (hi[0], int(retention * 1_000_000)))
-        return int(cur.rowcount or 0)
-
-    def wake_fd(self) -> int | None:
-        return None
-
-    def drain_wake(self) -> bool:
-        return False
-
-    def pending(self) -> tuple[int, float | None]:
-        row = self._run(
-            "counting pending rows",
-            "SELECT count(*), TIMESTAMPDIFF(MICROSECOND, min(created_at), UTC_TIMESTAMP(6))"
-            f" FROM {self.table} WHERE published_at IS NULL",
-        ).fetchone()
-        return int(row[0]), (None if row[1] is None else max(0.0, int(row[1]) / 1e6))
-
     def close(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(Exception):
@@ -426,11 +438,12 @@ class MySqlDatabase:
 _SQLITE_NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
 
 
-class SqliteDatabase:
+class SqliteDatabase(_SqlDatabase):
     """SQLite has one writer at a time, so commit order is seq order; the poller lock is an
     ``flock`` on ``<database>.outbox-cdc.lock`` (released by the OS when the process dies)."""
 
     name = "SQLite"
+    _ph = "?"
 
     def __init__(self, path: str, table: str, busy_timeout: float = 30.0) -> None:
         self.path = path
@@ -449,6 +462,13 @@ class SqliteDatabase:
             f"DELETE FROM {t} WHERE seq <= ? AND published_at IS NOT NULL"
             " AND published_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)"
         )
+        self._pending = (
+            "SELECT count(*), (julianday('now') - julianday(min(created_at))) * 86400.0"
+            f" FROM {t} WHERE published_at IS NULL"
+        )
+
+    def _cleanup_params(self, hi: int, retention: float) -> tuple[Any, ...]:
+        return (hi, f"-{retention:.3f} seconds")
 
     def _run(self, what: str, query: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
         if self._conn is None:
@@ -506,41 +526,6 @@ class SqliteDatabase:
                 f"table {self.table} does not exist in {self.path}: run 'outbox-cdc init'; retrying"
             )
         return []
-
-    def fetch(self, limit: int) -> list[Row]:
-        return list(self._run("reading the outbox", self._fetch, (limit,)).fetchall())
-
-    def _each_chunk(self, what: str, template: str, seqs: Sequence[int]) -> None:
-        for chunk in _chunks(seqs):
-            self._run(what, template.format(",".join(["?"] * len(chunk))), chunk)
-
-    def mark(self, seqs: Sequence[int]) -> None:
-        self._each_chunk("marking published rows", self._mark, seqs)
-
-    def delete(self, seqs: Sequence[int]) -> None:
-        self._each_chunk("deleting published rows", self._delete, seqs)
-
-    def cleanup(self, retention: float, window: int) -> int:
-        hi = self._run("cleaning up", self._window, (window,)).fetchone()
-        if hi is None or hi[0] is None:
-            return 0
-        cur = self._run("cleaning up", self._cleanup, (hi[0], f"-{retention:.3f} seconds"))
-        return int(cur.rowcount or 0)
-
-    def wake_fd(self) -> int | None:
-        return None
-
-    def drain_wake(self) -> bool:
-        return False
-
-    def pending(self) -> tuple[int, float | None]:
-        row = self._run(
-            "counting pending rows",
-            "SELECT count(*), (julianday('now') - julianday(min(created_at))) * 86400.0"
-            f" FROM {self.table} WHERE published_at IS NULL",
-        ).fetchone()
-        assert row is not None
-        return int(row[0]), (None if row[1] is None else max(0.0, float(row[1])))
 
     def close(self) -> None:
         if self._conn is not None:
