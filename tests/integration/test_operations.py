@@ -22,8 +22,6 @@ from outbox_cdc import Outbox
 from outbox_cdc.schema import ddl, statements
 from tests.acceptance.harness import (
     RelayProcess,
-    create_outbox_table,
-    drop_outbox_table,
     relay_env,
 )
 from tests.support.kafka import consume_all
@@ -63,14 +61,6 @@ def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.2)
-
-
-@pytest.fixture
-def outbox_table(postgres_url: str, unique_name: Callable[[str], str]) -> Iterator[str]:
-    table = f"public.{unique_name('outbox')}"
-    create_outbox_table(postgres_url, table)
-    yield table
-    drop_outbox_table(postgres_url, table)
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ from outbox_cdc import Outbox, OutboxEvent, to_record
 from outbox_cdc.events import envelope_to_json
 from tests.acceptance.harness import (
     RelayProcess,
-    create_outbox_table,
     drop_outbox_table,
     header,
     read_topic,
@@ -33,14 +32,6 @@ from tests.support.kafka import delete_topic
 from tests.support.postgres import drop_replication_slot
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.timeout(120)]
-
-
-@pytest.fixture
-def outbox_table(postgres_url: str, unique_name: Callable[[str], str]) -> Iterator[str]:
-    table = f"public.{unique_name('outbox')}"
-    create_outbox_table(postgres_url, table)
-    yield table
-    drop_outbox_table(postgres_url, table)
 
 
 @pytest.fixture

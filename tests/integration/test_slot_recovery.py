@@ -5,7 +5,6 @@ what to do, and recovered with ``outbox-cdc recover``: every committed event sti
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -14,8 +13,6 @@ import pytest
 from outbox_cdc import Outbox
 from tests.acceptance.harness import (
     RelayProcess,
-    create_outbox_table,
-    drop_outbox_table,
     header,
     relay_env,
 )
@@ -23,14 +20,6 @@ from tests.integration.test_relay import cli
 from tests.support.kafka import consume_all
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.timeout(240)]
-
-
-@pytest.fixture
-def outbox_table(postgres_url: str, unique_name: Callable[[str], str]) -> Iterator[str]:
-    table = f"public.{unique_name('outbox')}"
-    create_outbox_table(postgres_url, table)
-    yield table
-    drop_outbox_table(postgres_url, table)
 
 
 def publish(url: str, table: str, topic: str, n: int) -> list[str]:
