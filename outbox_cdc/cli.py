@@ -142,6 +142,7 @@ def start(config_file: Path | None, **flags: Any) -> None:
     Every setting also reads OUTBOX_CDC_<NAME> (e.g. OUTBOX_CDC_KAFKA_LINGER_MS) and the
     config file; see docs/settings.md.
     """
+    from outbox_cdc.exactly_once import ProgressStore
     from outbox_cdc.health import HealthServer, KafkaProbe, PendingProbe, SlotProbe, Watchdog
     from outbox_cdc.metrics import RelayMetrics
     from outbox_cdc.relay import Relay, RelayOptions
@@ -183,8 +184,20 @@ def start(config_file: Path | None, **flags: Any) -> None:
             dead_letter_topic=settings.dead_letter_topic,
             shutdown_timeout=settings.shutdown_timeout,
             read_batch=max(2_000, settings.poll_batch_size + 2),
+            exactly_once=settings.exactly_once,
+            progress_topic=settings.progress_topic,
+            transaction_max_events=settings.transaction_max_events,
+            transaction_max_seconds=settings.transaction_max_ms / 1000,
         ),
         observer=metrics,
+        progress_store=ProgressStore(
+            settings.kafka_bootstrap_servers,
+            settings.progress_topic,
+            dict(kafka_options.client_config),
+            replication_factor=settings.kafka_topic_replication_factor,
+        )
+        if settings.exactly_once
+        else None,
     )
     metrics.bind_in_flight(lambda: relay.tracker.in_flight)
     kafka_probe = KafkaProbe(
@@ -210,12 +223,13 @@ def start(config_file: Path | None, **flags: Any) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.info(
-        "outbox-cdc %s: relaying %s %s to Kafka %s (%s)",
+        "outbox-cdc %s: relaying %s %s to Kafka %s (%s%s)",
         __version__,
         settings.outbox_table,
         origin,
         settings.kafka_bootstrap_servers,
         settings.kafka_client,
+        ", exactly once" if settings.exactly_once else "",
     )
     try:
         relay.run()

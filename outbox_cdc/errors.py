@@ -100,6 +100,13 @@ class SinkError(OutboxError):
     retriable = True
 
 
+class ProducerFencedError(SinkError):
+    """Another relay took over the Kafka transactional id (exactly-once mode): this one is a
+    zombie and must stop producing; it waits as a standby."""
+
+    retriable = True
+
+
 class PermanentDeliveryError(SinkError):
     """The broker refused a record for good (too large, not authorized, invalid topic)."""
 

@@ -18,21 +18,24 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from outbox_cdc.errors import (
+    ConfigurationError,
     EventDecodeError,
     OutboxError,
     PermanentDeliveryError,
     PoisonEventError,
+    ProducerFencedError,
     SinkError,
     SourceError,
     SourceInUseError,
 )
 from outbox_cdc.events import KafkaRecord, OutboxEvent, to_record
+from outbox_cdc.exactly_once import Progress
 from outbox_cdc.protocol.progress import AckTracker, Transaction
 from outbox_cdc.sinks.base import Sink
-from outbox_cdc.sources.base import Begin, Commit, Source
+from outbox_cdc.sources.base import Begin, Commit, Item, Source
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,10 @@ class RelayObserver(Protocol):
 
     def error(self, reason: str) -> None:
         """A publish or connection error, by reason (a short fixed word)."""
+
+
+class ProgressReader(Protocol):
+    def load(self, key: str) -> int | None: ...
 
 
 class NullObserver:
@@ -81,6 +88,12 @@ class RelayOptions:
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
     stall_warning: float = 15.0
+    # exactly-once mode (Kafka transactions; see docs/exactly-once.md)
+    exactly_once: bool = False
+    progress_topic: str = "outbox_cdc_progress"
+    transaction_max_events: int = 1000
+    transaction_max_seconds: float = 0.1
+    transaction_timeout: float = 60.0
 
 
 class _Backoff:
@@ -126,8 +139,10 @@ class Relay:
         sink_factory: Callable[[], Sink],
         options: RelayOptions | None = None,
         observer: RelayObserver | None = None,
+        progress_store: ProgressReader | None = None,
     ) -> None:
         self.source = source
+        self.progress_store = progress_store
         self.sink_factory = sink_factory
         self.options = options or RelayOptions()
         self.observer = observer or NullObserver()
@@ -194,8 +209,10 @@ class Relay:
             while not self._stopping.is_set():
                 try:
                     self._run_once(backoff)
-                except SourceInUseError as exc:
+                except (SourceInUseError, ProducerFencedError) as exc:
                     self._set_state("standby", "standby: %s; waiting to take over", exc)
+                    if isinstance(exc, ProducerFencedError):
+                        self._abandon()
                     self._close_source()
                     self._sleep(self.options.standby_poll_interval)
                 except (SourceError, SinkError) as exc:
@@ -226,7 +243,12 @@ class Relay:
                         self.options.backoff_max,
                         level=logging.ERROR,
                     )
-                    self._abandon(keep_sink=isinstance(exc, SourceError) and self.sink is not None)
+                    self._abandon(
+                        keep_sink=isinstance(exc, SourceError)
+                        and self.sink is not None
+                        # a new transactional producer aborts the open Kafka transaction
+                        and not self.options.exactly_once
+                    )
                     self._sleep(delay)
         finally:
             self._shutdown()
@@ -241,6 +263,9 @@ class Relay:
             self._stopping.wait(min(5.0, deadline - now))
 
     def _run_once(self, backoff: _Backoff) -> None:
+        if self.options.exactly_once:
+            self._run_once_transactional(backoff)
+            return
         if self.sink is None:
             self.sink = self.sink_factory()
         start = self.source.open(self.delivered)
@@ -322,6 +347,168 @@ class Relay:
                 self._check_stalled()
             else:
                 self._waiting_since = 0.0
+
+    # -- exactly-once mode ------------------------------------------------------------------------
+
+    def _run_once_transactional(self, backoff: _Backoff) -> None:
+        """Claim the source, fence older producers, read the committed progress, resume there.
+
+        The order matters: a standby must not fence the active relay's producer, so the slot is
+        checked first; creating the transactional producer settles the previous owner's last
+        Kafka transaction, so the progress read after it is final; only then does the stream
+        start, at the recorded position (the relay's own durable record, never a guess)."""
+        source = self.source
+        store = self.progress_store
+        if store is None:
+            raise ConfigurationError("exactly_once needs a progress store")
+        check_available = getattr(source, "check_available", None)
+        progress_key = getattr(source, "progress_key", None)
+        if check_available is None or progress_key is None:
+            raise ConfigurationError("exactly_once: this source does not support it (WAL only)")
+        check_available()
+        if self.sink is None:
+            self.sink = self.sink_factory()
+        key = progress_key()
+        recorded = store.load(key)
+        start = source.open(max(self.delivered, recorded or 0))
+        self.tracker = AckTracker(start)
+        self.delivered = max(self.delivered, start)
+        self._generation += 1
+        self._in_flight_bytes = 0
+        self._unackable = 0
+        self._set_state(
+            "streaming",
+            "streaming from %s, exactly once (last committed progress: %s)",
+            source.describe(start),
+            "none" if recorded is None else source.describe(recorded),
+        )
+        backoff.reset()
+        self._pump_transactional(key)
+
+    def _pump_transactional(self, key: str) -> None:
+        """Whole source transactions per Kafka transaction, with the progress record; the
+        source is confirmed only after Kafka committed."""
+        opts = self.options
+        source, observer = self.source, self.observer
+        sink = self.sink
+        assert sink is not None
+        txn_sink: Any = sink
+        wake_fd = self._wake_r.fileno()
+        errors: list[BaseException] = []
+        leftover: list[Item] = []
+        commit_time: float | None = None
+
+        def on_done(exc: BaseException | None) -> None:
+            if exc is not None:
+                errors.append(exc)
+                self._wake()
+
+        while True:
+            opened = False
+            sent: list[tuple[KafkaRecord, float, float]] = []
+            last_end: int | None = None
+            in_txn = False
+            started = 0.0
+            while True:
+                if self._stopping.is_set() and not in_txn and not leftover:
+                    break
+                if self._stopping.is_set() and time.monotonic() > self._stop_deadline:
+                    if opened:  # a source transaction still unread: deliver none of it
+                        txn_sink.abort_transaction()
+                    return
+                if leftover:
+                    items, leftover = leftover, []
+                else:
+                    items = source.read(0.02 if sent else 1.0, wake_fd, opts.read_batch)
+                cut = False
+                for i, item in enumerate(items):
+                    kind = type(item)
+                    if kind is OutboxEvent or kind is EventDecodeError:
+                        if not opened:
+                            txn_sink.begin_transaction()
+                            opened, started = True, time.monotonic()
+                        if kind is OutboxEvent:
+                            assert isinstance(item, OutboxEvent)
+                            record = to_record(item, opts.source_name)
+                            when = commit_time or item.created_at.timestamp()
+                        else:
+                            assert isinstance(item, EventDecodeError)
+                            record = self._dead_letter_record(item)
+                            when = time.time()
+                        sink.send(record, on_done)
+                        sent.append((record, when, time.monotonic()))
+                    elif kind is Begin:
+                        assert isinstance(item, Begin)
+                        in_txn, commit_time = True, item.commit_time
+                    else:
+                        assert isinstance(item, Commit)
+                        in_txn, last_end = False, item.end
+                        if item.commit_time is not None:
+                            observer.source_time(item.commit_time)
+                        if opened and (
+                            len(sent) >= opts.transaction_max_events
+                            or time.monotonic() - started >= opts.transaction_max_seconds
+                        ):
+                            leftover, cut = list(items[i + 1 :]), True
+                            break
+                if errors:
+                    raise self._transaction_error(errors[0])
+                self._drain_wake()
+                self.loop_time = time.monotonic()
+                if cut or (not items and not in_txn and last_end is not None):
+                    break
+                if not items and not in_txn and not opened:
+                    idle = source.idle_position()
+                    if idle is not None:
+                        self.tracker.idle(idle)
+                        source.confirm(self.tracker.confirmed, self.delivered)
+            if last_end is None:
+                if opened:
+                    txn_sink.abort_transaction()
+                return  # stopping, and nothing read
+            if opened:
+                sink.send(Progress(key, last_end).record(opts.progress_topic), on_done)
+                txn_sink.commit_transaction(opts.transaction_timeout)
+                if errors:
+                    raise self._transaction_error(errors[0])
+                now = time.monotonic()
+                for record, when, sent_at in sent:
+                    observer.published(record, when, now - sent_at)
+            self.delivered = max(self.delivered, last_end)
+            self.tracker.idle(last_end)
+            source.confirm(self.tracker.confirmed, self.delivered)
+            if self._stopping.is_set() and not leftover:
+                return
+
+    def _transaction_error(self, exc: BaseException) -> OutboxError:
+        if isinstance(exc, PermanentDeliveryError):
+            self.observer.error("rejected")
+            return PermanentDeliveryError(
+                f"{exc}. In exactly-once mode a refused record aborts its whole Kafka "
+                "transaction and stops the relay: fix the cause and restart",
+                event_id=None,
+            )
+        if isinstance(exc, SinkError):
+            return exc
+        return SinkError(f"Kafka delivery failed: {exc}")
+
+    def _dead_letter_record(self, err: EventDecodeError) -> KafkaRecord:
+        topic = self.options.dead_letter_topic
+        if not topic:
+            raise PoisonEventError(
+                f"{err}. The relay stopped so that nothing after it is confirmed: fix or "
+                "delete the row's cause and restart, or set a dead-letter topic "
+                "(--dead-letter-topic) to route such rows there"
+            )
+        log.error("%s; sending it to dead-letter topic %s", err, topic)
+        self.observer.error("undecodable")
+        return KafkaRecord(
+            topic=topic,
+            key=None,
+            value=str(err).encode(),
+            headers=[("outbox_cdc_error", str(err).encode())],
+            event_id=err.event_id or "",
+        )
 
     def _check_stalled(self) -> None:
         """Say so (once) when the broker has acknowledged nothing for a while: the client

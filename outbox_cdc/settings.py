@@ -131,6 +131,27 @@ class Settings(BaseSettings):
         "text", description="text: one readable line per event; json: one JSON object per line"
     )
 
+    # -- exactly-once ----------------------------------------------------------------------------
+    exactly_once: bool = Field(
+        False,
+        description="WAL: Kafka transactions, each with a progress record, so read_committed "
+        "consumers see every event exactly once (docs/exactly-once.md)",
+    )
+    progress_topic: str = Field(
+        "outbox_cdc_progress", description="exactly-once: compacted topic of progress records"
+    )
+    transactional_id: str | None = Field(
+        None,
+        description="exactly-once: Kafka transactional id; default outbox-cdc:<host>:<port>/"
+        "<database>/<slot>; unique per slot on a Kafka cluster",
+    )
+    transaction_max_events: int = Field(
+        1000, ge=1, description="exactly-once: events per Kafka transaction (at most)"
+    )
+    transaction_max_ms: int = Field(
+        100, ge=1, description="exactly-once: milliseconds a Kafka transaction collects events"
+    )
+
     # -- operations ------------------------------------------------------------------------------
     http_port: int | None = Field(
         None, ge=0, le=65535, description="port of /metrics, /healthz, /readyz; unset: none"
@@ -162,6 +183,11 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _mode_fits_database(self) -> Settings:
         dialect = self.dialect
+        if self.exactly_once and self.polling:
+            raise ValueError(
+                "exactly_once (OUTBOX_CDC_EXACTLY_ONCE): WAL mode only for now; polling relays "
+                "deliver at least once (docs/exactly-once.md)"
+            )
         if self.mode == "wal" and dialect != "postgresql":
             raise ValueError(
                 f"mode (--mode / OUTBOX_CDC_MODE): wal needs PostgreSQL with wal2json, but "
@@ -227,6 +253,13 @@ class Settings(BaseSettings):
             notify=self.poll_notify,
         )
 
+    def default_transactional_id(self) -> str:
+        parts = urlsplit(self.postgres_dsn())
+        return (
+            f"outbox-cdc:{parts.hostname or 'local'}:{parts.port or 5432}"
+            f"{parts.path or '/'}/{self.slot}"
+        )
+
     def kafka_options(self) -> KafkaOptions:
         extra: dict[str, Any] = {"security_protocol": self.kafka_security_protocol}
         if self.kafka_sasl_mechanism:
@@ -253,6 +286,9 @@ class Settings(BaseSettings):
             topic_partitions=self.kafka_topic_partitions,
             topic_replication_factor=self.kafka_topic_replication_factor,
             client_config=extra,
+            transactional_id=(self.transactional_id or self.default_transactional_id())
+            if self.exactly_once
+            else None,
         )
 
 

@@ -35,3 +35,22 @@ class Sink(Protocol):
     def flush(self, timeout: float) -> None: ...
 
     def close(self, timeout: float) -> None: ...
+
+
+class TransactionalSink(Sink, Protocol):
+    """A sink with broker transactions (exactly-once mode; Kafka: a transactional id, KIP-98).
+
+    * Creating it fences older producers of the same transactional id and settles their last
+      transaction (committed or aborted), before anything else.
+    * ``begin_transaction()``; then ``send()`` as usual (``on_done(None)`` means acknowledged,
+      not yet visible to read_committed consumers); ``commit_transaction(timeout)`` returns
+      only when every record of the transaction is durable and visible at once, and raises
+      (``SinkError``; ``ProducerFencedError`` when another relay took over) otherwise, in which
+      case none of them will ever be visible; ``abort_transaction()`` discards them.
+    """
+
+    def begin_transaction(self) -> None: ...
+
+    def commit_transaction(self, timeout: float) -> None: ...
+
+    def abort_transaction(self) -> None: ...

@@ -29,7 +29,12 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
-from outbox_cdc.errors import ConfigurationError, PermanentDeliveryError, SinkError
+from outbox_cdc.errors import (
+    ConfigurationError,
+    PermanentDeliveryError,
+    ProducerFencedError,
+    SinkError,
+)
 from outbox_cdc.events import KafkaRecord
 from outbox_cdc.sinks.base import DeliveryCallback
 from outbox_cdc.sinks.kafka import KafkaOptions
@@ -116,6 +121,9 @@ def producer_config(options: KafkaOptions) -> dict[str, Any]:
             "logger": librdkafka_log,
         }
     )
+    if options.transactional_id:
+        config["transactional.id"] = options.transactional_id
+        config["transaction.timeout.ms"] = options.transaction_timeout_ms
     return config
 
 
@@ -164,6 +172,11 @@ class ConfluentSink:
                 f"within {options.max_block_ms} ms"
                 + (f" (last error {why.name()}: {why.str()})" if why is not None else "")
             ) from None
+        if options.transactional_id:
+            self._transactional(
+                lambda: self._producer.init_transactions(self._block_s * 3),
+                "initializing transactions",
+            )
         self._closing = threading.Event()
         self._poller = threading.Thread(
             target=self._poll_loop, name="outbox-cdc-confluent-poll", daemon=True
@@ -187,6 +200,44 @@ class ConfluentSink:
                 poll(0.1)
             except Exception:  # a failing callback must not stop the deliveries of the others
                 log.exception("a Kafka delivery callback failed")
+
+    # -- transactions (exactly-once mode) -------------------------------------------------------
+
+    def _transactional(self, call: Any, what: str) -> None:
+        try:
+            call()
+        except KafkaException as exc:
+            err = _error_of(exc)
+            name = err.name() if err is not None else type(exc).__name__
+            if err is not None and err.code() in (
+                KafkaError._FENCED,
+                KafkaError.PRODUCER_FENCED,
+                KafkaError.INVALID_PRODUCER_EPOCH,
+            ):
+                raise ProducerFencedError(
+                    f"Kafka fenced this relay's transactional id while {what} ({name}): "
+                    "another relay took over"
+                ) from None
+            raise SinkError(f"Kafka failed {what}: {name}") from None
+
+    def begin_transaction(self) -> None:
+        self._transactional(self._producer.begin_transaction, "beginning a transaction")
+
+    def commit_transaction(self, timeout: float) -> None:
+        remaining = self._producer.flush(timeout)
+        if remaining:
+            raise SinkError(
+                f"Kafka did not acknowledge {remaining} records of the transaction within "
+                f"{timeout:.0f}s"
+            )
+        self._transactional(
+            lambda: self._producer.commit_transaction(timeout), "committing a transaction"
+        )
+
+    def abort_transaction(self) -> None:
+        self._transactional(
+            lambda: self._producer.abort_transaction(self._block_s * 3), "aborting a transaction"
+        )
 
     # -- topics ---------------------------------------------------------------------------------
 

@@ -17,7 +17,12 @@ import kafka
 import kafka.errors as kerr
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from outbox_cdc.errors import ConfigurationError, PermanentDeliveryError, SinkError
+from outbox_cdc.errors import (
+    ConfigurationError,
+    PermanentDeliveryError,
+    ProducerFencedError,
+    SinkError,
+)
 from outbox_cdc.events import KafkaRecord
 from outbox_cdc.sinks.base import DeliveryCallback
 
@@ -54,6 +59,9 @@ class KafkaOptions:
     topic_partitions: int = 1
     topic_replication_factor: int = 1
     client_config: Mapping[str, Any] = field(default_factory=dict)
+    # exactly-once mode: a stable id per slot, so a new relay fences the old one (KIP-98)
+    transactional_id: str | None = None
+    transaction_timeout_ms: int = 60_000
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_in_flight_requests <= 5:
@@ -103,6 +111,11 @@ class KafkaSink:
             # librdkafka cap it at 1 s and 10 s.
             reconnect_backoff_max_ms=1000,
         )
+        if options.transactional_id:
+            config.update(
+                transactional_id=options.transactional_id,
+                transaction_timeout_ms=options.transaction_timeout_ms,
+            )
         self._client_config = {k: v for k, v in options.client_config.items()}
         config.setdefault("bootstrap_timeout_ms", options.max_block_ms)
         self._admin_client: KafkaAdminClient | None = None
@@ -117,6 +130,10 @@ class KafkaSink:
             raise ConfigurationError(f"kafka settings: {exc}") from None
         except kerr.KafkaError as exc:
             raise classify(exc) from None
+        if options.transactional_id:
+            # Fences any older producer with this id and completes (or aborts) its last
+            # transaction, so the progress topic is final before the relay reads it.
+            self._transactional(self._producer.init_transactions, "initializing transactions")
 
     # -- topics ---------------------------------------------------------------------------------
 
@@ -201,6 +218,40 @@ class KafkaSink:
             raise classify(exc, record) from None
         future.add_callback(_ok, on_done)
         future.add_errback(_failed, on_done, record)
+
+    # -- transactions (exactly-once mode) -------------------------------------------------------
+
+    def _transactional(self, call: Any, what: str) -> None:
+        try:
+            call()
+        except (kerr.ProducerFencedError, kerr.InvalidProducerEpochError) as exc:
+            raise ProducerFencedError(
+                f"Kafka fenced this relay's transactional id while {what} "
+                f"({type(exc).__name__}): another relay took over"
+            ) from None
+        except kerr.KafkaTimeoutError:
+            raise SinkError(f"Kafka timed out {what}") from None
+        except kerr.KafkaError as exc:
+            raise SinkError(f"Kafka failed {what}: {type(exc).__name__}: {exc}") from None
+
+    def begin_transaction(self) -> None:
+        self._transactional(self._producer.begin_transaction, "beginning a transaction")
+
+    def commit_transaction(self, timeout: float) -> None:
+        """Flush (at most ``timeout``), then commit: every record of the transaction becomes
+        visible to read_committed consumers at once, or none does."""
+        try:
+            self._producer.flush(timeout=timeout)
+        except kerr.KafkaTimeoutError:
+            raise SinkError(
+                f"Kafka did not acknowledge the transaction within {timeout:.0f}s"
+            ) from None
+        except kerr.KafkaError as exc:
+            raise classify(exc) from None
+        self._transactional(self._producer.commit_transaction, "committing a transaction")
+
+    def abort_transaction(self) -> None:
+        self._transactional(self._producer.abort_transaction, "aborting a transaction")
 
     def flush(self, timeout: float) -> None:
         try:

@@ -129,6 +129,30 @@ class WalSource:
     def describe(position: int) -> str:
         return format_lsn(position)
 
+    # -- exactly-once mode ----------------------------------------------------------------------
+
+    def check_available(self) -> None:
+        """Raise SlotInUseError while another relay streams the slot (before fencing it)."""
+        with self._connect() as conn:
+            row = conn.execute(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
+                (self.options.slot,),
+            ).fetchone()
+        if row is not None and row[0] is not None:
+            raise SlotInUseError(self.options.slot, int(row[0]))
+
+    def progress_key(self) -> str:
+        """Names this source in the progress topic: system identifier, database, slot."""
+        try:
+            with self._connect() as conn:
+                row = conn.execute(
+                    "SELECT system_identifier::text, current_database() FROM pg_control_system()"
+                ).fetchone()
+        except psycopg.Error as exc:
+            raise SourceError(f"PostgreSQL: {_describe(exc)}") from None
+        assert row is not None
+        return f"postgresql/{row[0]}/{row[1]}/{self.options.slot}"
+
     # -- connection -----------------------------------------------------------------------------
 
     def _connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
