@@ -766,8 +766,10 @@ def read_topic(
     expect_ids: Collection[str] = (),
     timeout: float = 60.0,
     settle: float = 0.0,
+    isolation_level: str = "read_uncommitted",
 ) -> list[Any]:
     """Every record of ``topic`` from the beginning, partition by partition in offset order.
+    ``isolation_level="read_committed"`` hides records of aborted Kafka transactions.
 
     Reads until every id in ``expect_ids`` (ce_id header) was seen and every partition's end
     offset (taken at that moment) is reached, then ``settle`` seconds more; or until ``timeout``
@@ -780,6 +782,7 @@ def read_topic(
         auto_offset_reset="earliest",
         client_id="outbox-cdc-acceptance-checker",
         max_poll_records=5000,
+        isolation_level=isolation_level,
     )
     deadline = time.monotonic() + timeout
     by_partition: dict[int, list[Any]] = defaultdict(list)
