@@ -347,7 +347,14 @@ def envelope_from_json(text: str, *, lsn: str | None = None) -> OutboxEvent:
             key=env.get("key"),
             headers=headers_from_obj(env.get("headers") or {}),
         )
-    except (ValueError, KeyError, TypeError, EventValidationError) as exc:
+    except (
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        RecursionError,
+        EventValidationError,
+    ) as exc:
         raise EventDecodeError(f"invalid outbox message envelope: {exc}", lsn=lsn) from None
 
 

@@ -127,7 +127,7 @@ class Wal2JsonDecoder:
             return COMMIT
         try:
             obj = json.loads(bytes(payload))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
             raise ProtocolError(f"wal2json sent invalid JSON at {format_lsn(lsn)}: {exc}") from None
         if not isinstance(obj, dict):
             raise ProtocolError(f"wal2json sent a non-object at {format_lsn(lsn)}")
@@ -147,10 +147,22 @@ class Wal2JsonDecoder:
         columns = obj.get("columns")
         if not isinstance(columns, list):
             raise ProtocolError(f"wal2json insert without columns at {format_lsn(lsn)}")
-        values = {c["name"]: c.get("value") for c in columns}
+        try:
+            values = {c["name"]: c.get("value") for c in columns}
+        except (TypeError, KeyError, AttributeError):
+            raise ProtocolError(
+                f"wal2json insert with malformed columns at {format_lsn(lsn)}"
+            ) from None
         try:
             return row_to_event(values)
-        except (ValueError, KeyError, TypeError, EventValidationError) as exc:
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+            RecursionError,
+            EventValidationError,
+        ) as exc:
             event_id = values.get("id")
             return EventDecodeError(
                 f"outbox row {obj.get('schema')}.{obj.get('table')} cannot be published: {exc}",

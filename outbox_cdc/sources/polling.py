@@ -107,7 +107,7 @@ def row_to_event(row: Row, table: str) -> OutboxEvent | EventDecodeError:
             key=key,
             headers=user_headers,
         )
-    except (ValueError, TypeError, UnicodeDecodeError, EventValidationError) as exc:
+    except (ValueError, TypeError, UnicodeDecodeError, RecursionError, EventValidationError) as exc:
         return EventDecodeError(
             f"outbox row of {table} cannot be published: {exc}",
             event_id=str(id_) if id_ is not None else None,
