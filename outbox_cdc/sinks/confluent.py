@@ -123,7 +123,10 @@ def producer_config(options: KafkaOptions) -> dict[str, Any]:
     )
     if options.transactional_id:
         config["transactional.id"] = options.transactional_id
-        config["transaction.timeout.ms"] = options.transaction_timeout_ms
+        # librdkafka refuses message.timeout.ms > transaction.timeout.ms
+        config["transaction.timeout.ms"] = max(
+            options.transaction_timeout_ms, options.delivery_timeout_ms
+        )
     return config
 
 
@@ -158,7 +161,10 @@ class ConfluentSink:
         except KafkaException as exc:
             err = _error_of(exc)
             name = err.name() if err is not None else type(exc).__name__
-            raise ConfigurationError(f"kafka settings (confluent-kafka): {name}") from None
+            detail = err.str() if err is not None else str(exc)
+            raise ConfigurationError(
+                f"kafka settings (confluent-kafka): {name}: {detail}"
+            ) from None
         # librdkafka connects lazily: ask for metadata now, so that an unreachable cluster is a
         # retriable error within max_block_ms, as with kafka-python.
         try:

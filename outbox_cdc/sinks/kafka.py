@@ -114,7 +114,9 @@ class KafkaSink:
         if options.transactional_id:
             config.update(
                 transactional_id=options.transactional_id,
-                transaction_timeout_ms=options.transaction_timeout_ms,
+                transaction_timeout_ms=max(
+                    options.transaction_timeout_ms, options.delivery_timeout_ms
+                ),
             )
         self._client_config = {k: v for k, v in options.client_config.items()}
         config.setdefault("bootstrap_timeout_ms", options.max_block_ms)
