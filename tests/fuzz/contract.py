@@ -81,6 +81,10 @@ def event_problems(event: OutboxEvent) -> list[tuple[str, str]]:
             out.append(("reserved-header-name", f"user header name {name!r}"))
         if not isinstance(value, bytes):
             out.append(("", f"header {name!r} value is {type(value).__name__}, not bytes"))
+        try:
+            str(name).encode("utf-8")  # what the Kafka clients do with a header name
+        except UnicodeEncodeError:
+            out.append(("unmappable-event", f"header name {name!r} is not valid Unicode"))
     if not isinstance(event.id, uuid.UUID):
         out.append(("", f"id is {type(event.id).__name__}"))
     if not isinstance(event.payload, bytes):
@@ -114,10 +118,14 @@ def event_problems(event: OutboxEvent) -> list[tuple[str, str]]:
 def require_well_formed(event: OutboxEvent, where: str = "") -> None:
     problems = event_problems(event)
     if problems:
-        bugs = {b for b, _ in problems}
-        bug = bugs.pop() if len(bugs) == 1 and "" not in bugs else None
         text = "; ".join(d for _, d in problems)
-        raise ContractViolation(f"{where}ill-formed event {event!r}: {text}", bug)
+        raise ContractViolation(f"{where}ill-formed event {event!r}: {text}", _known(problems))
+
+
+def _known(problems: list[tuple[str, str]]) -> str | None:
+    """The open bug classes of ``problems`` ("a+b" for several), None if any is new."""
+    bugs = {b for b, _ in problems}
+    return None if "" in bugs else "+".join(sorted(bugs))
 
 
 def open_bug(exc: BaseException) -> str | None:
@@ -244,9 +252,9 @@ def _check_fields(event: OutboxEvent, payload: bytes) -> None:
         env = json.loads(obj["content"])
         found = matches_envelope(event, env)
         if found:
-            bugs = {b for b, _ in found}
-            bug = bugs.pop() if len(bugs) == 1 and "" not in bugs else None
-            raise ContractViolation(f"silently wrong event from envelope {env!r}: {found}", bug)
+            raise ContractViolation(
+                f"silently wrong event from envelope {env!r}: {found}", _known(found)
+            )
     else:
         raise ContractViolation(f"an event from action {obj.get('action')!r}")
 
