@@ -432,15 +432,21 @@ def make_input(r: random.Random, seeds: list[bytes]) -> tuple[bytes, str]:
                 obj = None
             if obj is not None:
                 kind = r.random()
-                if kind < 0.35:
-                    obj, name = _column_mutate(r, obj), "json:column"
-                elif kind < 0.55:
-                    obj, name = _envelope_mutate(r, obj), "json:envelope"
+                try:
+                    if kind < 0.35:
+                        obj, name = _column_mutate(r, obj), "json:column"
+                    elif kind < 0.55:
+                        obj, name = _envelope_mutate(r, obj), "json:envelope"
+                    else:
+                        obj, name = _json_mutate(r, obj), "json:node"
+                    payload = _dumps(r, obj)
+                except RecursionError:
+                    # a tree nested too deep for json.dumps (a mutation of a nested document):
+                    # mutate its bytes instead
+                    pass
                 else:
-                    obj, name = _json_mutate(r, obj), "json:node"
-                payload = _dumps(r, obj)
-                names.append(name)
-                continue
+                    names.append(name)
+                    continue
         m = r.choice(BYTE_MUTATORS)
         names.append("bytes:" + m.__name__.strip("_"))
         payload = m(r, payload, [s[XLOGDATA_HEADER_SIZE:] for s in seeds])
@@ -545,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
+    print(f"fuzzing with seed {seed}", file=sys.stderr, flush=True)
     result = run(iterations, seconds=seconds, seed=seed, progress=progress)
     print(result.summary())
     return 1 if result.violations else 0
