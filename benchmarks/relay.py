@@ -385,6 +385,8 @@ class Offsets:
             enable_auto_commit=False,
             allow_auto_create_topics=False,
             client_id="bench-offsets",
+            # exactly-once runs: the end is the last stable offset (committed transactions)
+            isolation_level="read_committed",
         )
         parts = None
         deadline = time.monotonic() + 30
@@ -490,6 +492,8 @@ def consume_arrivals(
         allow_auto_create_topics=False,
         client_id="bench-consumer",
         fetch_max_wait_ms=100,
+        # exactly-once runs: a record counts when its Kafka transaction committed
+        isolation_level="read_committed",
     )
     parts = consumer.partitions_for_topic(topic) or set()
     tps = [TopicPartition(topic, p) for p in sorted(parts)]
