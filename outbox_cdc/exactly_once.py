@@ -27,17 +27,24 @@ PROGRESS_VERSION = 1
 
 @dataclass(frozen=True)
 class Progress:
+    """``position``: the source's position after the transaction (WAL: commit LSN); ``state``:
+    what else the source needs to resume (polling: the seqs of the batch)."""
+
     key: str
     position: int
+    state: dict[str, Any] | None = None
 
     def record(self, topic: str) -> KafkaRecord:
-        value = {
+        value: dict[str, Any] = {
             "version": PROGRESS_VERSION,
             "source": self.key,
             "position": self.position,
-            "lsn": format_lsn(self.position),
             "written_at": datetime.now(UTC).isoformat(),
         }
+        if self.key.startswith("postgresql/"):
+            value["lsn"] = format_lsn(self.position)
+        if self.state:
+            value["state"] = self.state
         return KafkaRecord(
             topic=topic,
             key=self.key.encode(),
@@ -47,8 +54,9 @@ class Progress:
         )
 
 
-def parse_progress(key: str, value: bytes | None) -> int | None:
-    """The position in a progress record of ``key``, or None (deleted, foreign, unreadable)."""
+def parse_progress(key: str, value: bytes | None) -> dict[str, Any] | None:
+    """A progress record of ``key`` (``position``, and ``state`` if any), or None (deleted,
+    foreign, unreadable)."""
     if value is None:
         return None
     try:
@@ -56,7 +64,10 @@ def parse_progress(key: str, value: bytes | None) -> int | None:
         if obj.get("version") != PROGRESS_VERSION or obj.get("source") != key:
             return None
         position = obj["position"]
-        return position if isinstance(position, int) and position >= 0 else None
+        if not isinstance(position, int) or position < 0:
+            return None
+        state = obj.get("state")
+        return {"position": position, "state": state if isinstance(state, dict) else None}
     except (ValueError, KeyError, AttributeError):
         return None
 
@@ -83,7 +94,7 @@ class ProgressStore:
         }
         self.timeout = timeout
 
-    def load(self, key: str) -> int | None:
+    def load(self, key: str) -> dict[str, Any] | None:
         import kafka.errors as kerr
         from kafka import KafkaConsumer, TopicPartition
 
@@ -114,7 +125,7 @@ class ProgressStore:
             consumer.seek_to_beginning(*tps)
             # read_committed: the end is the last stable offset, after every settled transaction
             ends = consumer.end_offsets(tps)
-            found: int | None = None
+            found: dict[str, Any] | None = None
             wanted = key.encode()
             while any(consumer.position(tp) < ends[tp] for tp in tps):
                 if time.monotonic() > deadline:

@@ -59,7 +59,7 @@ class RelayObserver(Protocol):
 
 
 class ProgressReader(Protocol):
-    def load(self, key: str) -> int | None: ...
+    def load(self, key: str) -> dict[str, Any] | None: ...
 
 
 class NullObserver:
@@ -364,12 +364,16 @@ class Relay:
         check_available = getattr(source, "check_available", None)
         progress_key = getattr(source, "progress_key", None)
         if check_available is None or progress_key is None:
-            raise ConfigurationError("exactly_once: this source does not support it (WAL only)")
+            raise ConfigurationError("exactly_once: this source does not support it")
         check_available()
         if self.sink is None:
             self.sink = self.sink_factory()
         key = progress_key()
-        recorded = store.load(key)
+        record = store.load(key)
+        recorded = record["position"] if record else None
+        restore = getattr(source, "restore", None)
+        if record and record.get("state") and restore is not None:
+            restore(record["state"])  # polling: the rows of the last committed batch
         start = source.open(max(self.delivered, recorded or 0))
         self.tracker = AckTracker(start)
         self.delivered = max(self.delivered, start)
@@ -467,7 +471,9 @@ class Relay:
                     txn_sink.abort_transaction()
                 return  # stopping, and nothing read
             if opened:
-                sink.send(Progress(key, last_end).record(opts.progress_topic), on_done)
+                progress_state = getattr(source, "progress_state", None)
+                state = progress_state(last_end) if progress_state is not None else None
+                sink.send(Progress(key, last_end, state).record(opts.progress_topic), on_done)
                 txn_sink.commit_transaction(opts.transaction_timeout)
                 if errors:
                     raise self._transaction_error(errors[0])

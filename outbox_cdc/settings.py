@@ -23,7 +23,7 @@ from pydantic_settings import (
 from outbox_cdc.errors import ConfigurationError
 from outbox_cdc.sinks.kafka import KafkaOptions
 from outbox_cdc.sources.polling import DEFAULT_RETENTION, PollingSourceOptions
-from outbox_cdc.sources.polling_databases import dialect_of
+from outbox_cdc.sources.polling_databases import dialect_of, sqlite_path
 from outbox_cdc.sources.wal import WalSourceOptions
 
 ENV_PREFIX = "OUTBOX_CDC_"
@@ -134,7 +134,7 @@ class Settings(BaseSettings):
     # -- exactly-once ----------------------------------------------------------------------------
     exactly_once: bool = Field(
         False,
-        description="WAL: Kafka transactions, each with a progress record, so read_committed "
+        description="Kafka transactions, each with a progress record, so read_committed "
         "consumers see every event exactly once (docs/exactly-once.md)",
     )
     progress_topic: str = Field(
@@ -183,11 +183,6 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _mode_fits_database(self) -> Settings:
         dialect = self.dialect
-        if self.exactly_once and self.polling:
-            raise ValueError(
-                "exactly_once (OUTBOX_CDC_EXACTLY_ONCE): WAL mode only for now; polling relays "
-                "deliver at least once (docs/exactly-once.md)"
-            )
         if self.mode == "wal" and dialect != "postgresql":
             raise ValueError(
                 f"mode (--mode / OUTBOX_CDC_MODE): wal needs PostgreSQL with wal2json, but "
@@ -254,6 +249,14 @@ class Settings(BaseSettings):
         )
 
     def default_transactional_id(self) -> str:
+        if self.polling:
+            parts = urlsplit(self.database_url.get_secret_value())
+            where = (
+                sqlite_path(self.database_url.get_secret_value())
+                if self.dialect == "sqlite"
+                else f"{parts.hostname or 'local'}:{parts.port or ''}{parts.path}"
+            )
+            return f"outbox-cdc:{self.dialect}:{where}/{self.outbox_table}"
         parts = urlsplit(self.postgres_dsn())
         return (
             f"outbox-cdc:{parts.hostname or 'local'}:{parts.port or 5432}"

@@ -23,6 +23,8 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
 
 from outbox_cdc.errors import (
     ConfigurationError,
@@ -35,7 +37,12 @@ from outbox_cdc.errors import (
 from outbox_cdc.events import OutboxEvent, headers_from_obj, parse_time, validate_topic
 from outbox_cdc.schema import validate_table
 from outbox_cdc.sources.base import BEGIN, CleanupObserver, Commit, Item
-from outbox_cdc.sources.polling_databases import PollingDatabase, Row, open_database
+from outbox_cdc.sources.polling_databases import (
+    PollingDatabase,
+    Row,
+    open_database,
+    sqlite_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +151,48 @@ class PollingSource:
         self._next_cleanup = 0.0
         self._limit = options.batch_size  # lowered while payloads are large (batch_max_bytes)
         self.marked = 0  # rows marked or deleted by this process (for tests and metrics)
+        self._claimed = False  # check_available() took the lock for the next open()
 
     def describe(self, position: int) -> str:
         return f"batch {position} of {self.options.table}"
 
     # -- connection -----------------------------------------------------------------------------
 
-    def open(self, resume_from: int) -> int:
+    # -- exactly-once mode ----------------------------------------------------------------------
+
+    def check_available(self) -> None:
+        """Take the poller lock now (kept for :meth:`open`), or raise SourceInUseError: the
+        relay fences older Kafka producers only once it holds the table."""
+        self._claim()
+        self._claimed = True
+
+    def progress_key(self) -> str:
+        """Names this table in the progress topic (database location, never credentials)."""
+        parts = urlsplit(self.options.url)
+        where = (
+            sqlite_path(self.options.url)
+            if parts.scheme.startswith("sqlite")
+            else f"{parts.hostname or 'local'}:{parts.port or ''}{parts.path}"
+        )
+        return f"polling/{self.db.name}/{where}/{self.options.table}"
+
+    def progress_state(self, position: int) -> dict[str, Any] | None:
+        """The seqs of the batch ending at ``position`` (the one in flight)."""
+        in_flight = self._in_flight
+        if in_flight is None or in_flight[0] != position:
+            return None
+        return {"seqs": list(in_flight[1])}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """The rows of the last batch Kafka committed: marked before the first poll, so a crash
+        between the Kafka commit and the UPDATE does not publish them again."""
+        seqs = state.get("seqs")
+        if isinstance(seqs, list):
+            self._acked.extend(int(s) for s in seqs if isinstance(s, int))
+
+    # -- connection -----------------------------------------------------------------------------
+
+    def _claim(self) -> None:
         self.close()
         try:
             self.db.connect()
@@ -159,6 +201,15 @@ class PollingSource:
                     f"table {self.options.table} is polled by {self.db.lock_holder()}: its "
                     "poller lock is active"
                 )
+        except OutboxError:
+            self.close()
+            raise
+
+    def open(self, resume_from: int) -> int:
+        try:
+            if not self._claimed:
+                self._claim()
+            self._claimed = False
             for warning in self.db.check_table():
                 log.warning("%s", warning)
             # rows Kafka acknowledged before the connection was lost: mark them first
@@ -188,6 +239,7 @@ class PollingSource:
 
     def close(self) -> None:
         self._open = False
+        self._claimed = False
         self._in_flight = None
         self.db.close()
 

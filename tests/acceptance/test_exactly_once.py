@@ -12,6 +12,7 @@ import pytest
 
 from tests.acceptance.conftest import CLIENTS
 from tests.acceptance.harness import (
+    Database,
     LoadGenerator,
     RelayProcess,
     check,
@@ -94,3 +95,64 @@ def test_kills_broker_and_database_restarts_deliver_each_event_exactly_once(
     finally:
         relay.kill()
         delete_topic(kafka_bootstrap, request_cleanup)
+
+
+@pytest.mark.mysql
+@pytest.mark.parametrize("polling_backend", ["mariadb"], indirect=True)
+@pytest.mark.parametrize("kafka_client", CLIENTS, indirect=True)
+def test_polling_kills_and_broker_restart_deliver_each_event_exactly_once(
+    polling_relays: Relays,
+    polling_db: Database,
+    polling_table: str,
+    kafka_bootstrap: str,
+    topic: str,
+    services: ServiceControl,
+) -> None:
+    """Polling (MariaDB) in exactly-once mode: each batch goes out in one Kafka transaction
+    with a progress record listing its seqs; a relay killed between the Kafka commit and the
+    UPDATE marks those rows at its next start instead of publishing them again."""
+    t0 = time.monotonic()
+    events, kills = 8_000, 3
+    relay = polling_relays(
+        exactly_once="true", progress_topic=f"{topic}-progress", poll_batch_size=200
+    )
+    relay.start().wait_streaming(timeout=60)
+    load = LoadGenerator(
+        polling_db, polling_table, topic, events=events, keys=200, threads=4, rate=500
+    ).start()
+    steps: list[str] = []
+    try:
+        for n in range(1, kills + 1):
+            load.wait_written(n * events // 5, timeout=90)
+            relay.kill()
+            steps.append(f"kill{n}")
+            relay.start()
+            relay.wait_streaming(timeout=60)
+        load.wait_written(4 * events // 5, timeout=90)
+        services.restart("kafka")
+        steps.append("kafka restart")
+        result = load.join(timeout=240)
+        records = read_topic(
+            kafka_bootstrap,
+            topic,
+            expect_ids=result.committed,
+            timeout=180,
+            settle=3,
+            isolation_level="read_committed",
+        )
+        res = check(records, result)
+        report(
+            "polling exactly once",
+            backend=polling_db.name,
+            committed=len(result.committed),
+            steps=steps,
+            duplicates=res.duplicates,
+            records_incl_aborted=len(read_topic(kafka_bootstrap, topic, timeout=30, settle=1)),
+            total_s=f"{time.monotonic() - t0:.1f}",
+            check=res.summary(),
+        )
+        assert relay.running, relay.log_text()
+        res.assert_complete(exactly_once=True)
+    finally:
+        relay.kill()
+        delete_topic(kafka_bootstrap, f"{topic}-progress")

@@ -39,12 +39,16 @@ class Kafka:
         self.epoch = 0
         self.fail_commits = 0
 
-    def progress(self, key: str) -> int | None:
+    def record(self, key: str) -> dict[str, Any] | None:
         found = None
         for r in self.committed:
             if r.topic == TOPIC and r.key == key.encode():
                 found = parse_progress(key, r.value)
         return found
+
+    def progress(self, key: str) -> int | None:
+        record = self.record(key)
+        return record["position"] if record else None
 
     def events(self) -> list[bytes]:
         return [r.value for r in self.committed if r.topic != TOPIC]
@@ -111,9 +115,9 @@ class Store:
         self.kafka = kafka
         self.loads = 0
 
-    def load(self, key: str) -> int | None:
+    def load(self, key: str) -> dict[str, Any] | None:
         self.loads += 1
-        return self.kafka.progress(key)
+        return self.kafka.record(key)
 
 
 def run_eos(source: SlotSource, kafka: Kafka, **opts: Any) -> Relay:
@@ -238,7 +242,9 @@ def test_an_undecodable_row_without_dead_letter_topic_stops_before_committing_it
 
 def test_progress_records_of_other_sources_or_versions_are_ignored() -> None:
     record = Progress(KEY, 4096).record(TOPIC)
-    assert parse_progress(KEY, record.value) == 4096
+    assert parse_progress(KEY, record.value) == {"position": 4096, "state": None}
+    with_state = Progress(KEY, 7, {"seqs": [1, 2]}).record(TOPIC)
+    assert parse_progress(KEY, with_state.value) == {"position": 7, "state": {"seqs": [1, 2]}}
     assert parse_progress("postgresql/2/db/slot", record.value) is None
     assert parse_progress(KEY, b"not json") is None
     assert (

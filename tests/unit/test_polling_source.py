@@ -417,3 +417,24 @@ def _never_readable() -> int:
 
 
 _KEEP: list[int] = []
+
+
+def test_exactly_once_restore_marks_the_last_committed_batch_before_the_first_poll() -> None:
+    """A relay killed between the Kafka commit and the UPDATE: the progress record lists the
+    batch's seqs, and the next relay marks them before it polls, so they are not sent again."""
+    db = FakeDatabase()
+    for _ in range(3):
+        db.insert()
+    source = source_on(db)
+    source.check_available()  # takes the lock, kept for open()
+    assert "try_lock" in db.calls
+    source.restore({"seqs": [1, 2]})
+    source.open(0)
+    assert db.published() == [1, 2]
+    first = db.calls.index("delete")
+    assert "fetch" not in db.calls[:first]
+    items = source.read(0.1, _never_readable(), 100)
+    assert len(items) == 3  # only seq 3 is read
+    assert source.progress_state(items[-1].end) == {"seqs": [3]}
+    assert source.progress_key() == "polling/FakeDB//unused.db/outbox"
+    source.close()
