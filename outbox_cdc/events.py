@@ -258,6 +258,7 @@ def check_event(event: OutboxEvent, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
         )
     if not isinstance(event.headers, tuple):
         raise EventValidationError("headers", "must be a tuple of (str, bytes) pairs")
+    seen: set[str] = set()
     for pair in event.headers:
         if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[1], bytes)):
             raise EventValidationError("headers", f"{pair!r} is not a (str, bytes) pair")
@@ -270,6 +271,38 @@ def check_event(event: OutboxEvent, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
                 f"{name!r} is set by outbox-cdc (CloudEvents binding, compared "
                 "case-insensitively); rename it",
             )
+        if name in seen:
+            # the outbox stores headers as a JSON object: one value per name
+            raise EventValidationError("headers", f"{name!r} appears twice; give each name once")
+        seen.add(name)
+
+
+def check_decoded(event: OutboxEvent) -> OutboxEvent:
+    """Validate an event a relay decoded from a row or envelope written by any tool, so that
+    mapping it to a Kafka record cannot fail: the insert API's rules (reserved header names,
+    text fields, types) without its payload limit (the broker has its own), and a time that
+    RFC 3339 in UTC can express. Raises EventValidationError; returns the event."""
+    check_event(event, max_payload_bytes=2**63)
+    try:
+        format_time(event.created_at)
+    except (OverflowError, ValueError):
+        raise EventValidationError(
+            "created_at", f"{event.created_at!r} cannot be expressed in UTC"
+        ) from None
+    return event
+
+
+def headers_from_json(text: str) -> tuple[tuple[str, bytes], ...]:
+    """The headers column (JSON object text) as pairs; a name given twice is an error (JSON
+    parsers keep the last value, which would drop one silently)."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        names = [k for k, _ in items]
+        if len(set(names)) != len(names):
+            raise ValueError("headers: a header name appears twice in the JSON object")
+        return dict(items)
+
+    return headers_from_obj(json.loads(text, object_pairs_hook=pairs))
 
 
 # -- headers as stored in the outbox (a JSON object) --------------------------------------------
@@ -337,16 +370,17 @@ def envelope_from_json(text: str, *, lsn: str | None = None) -> OutboxEvent:
             raise ValueError("not a JSON object")
         if env.get("v") != ENVELOPE_VERSION:
             raise ValueError(f"unknown envelope version {env.get('v')!r}")
-        return OutboxEvent(
+        event = OutboxEvent(
             id=uuid.UUID(env["id"]),
             created_at=parse_time(env["time"]),
             topic=validate_topic(env["topic"]),
-            type=str(env["type"]),
+            type=env["type"],
             payload=base64.b64decode(env["payload"], validate=True),
-            content_type=str(env["content_type"]),
+            content_type=env["content_type"],
             key=env.get("key"),
             headers=headers_from_obj(env.get("headers") or {}),
         )
+        return check_decoded(event)
     except (
         ValueError,
         KeyError,

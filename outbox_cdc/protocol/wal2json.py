@@ -19,7 +19,14 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from outbox_cdc.errors import EventDecodeError, EventValidationError, ProtocolError
-from outbox_cdc.events import OutboxEvent, envelope_from_json, headers_from_obj, validate_topic
+from outbox_cdc.events import (
+    OutboxEvent,
+    check_decoded,
+    envelope_from_json,
+    headers_from_json,
+    headers_from_obj,
+    validate_topic,
+)
 from outbox_cdc.protocol.lsn import format_lsn
 
 BEGIN: Final = 1
@@ -84,8 +91,10 @@ def row_to_event(values: Mapping[str, Any]) -> OutboxEvent:
     if headers_raw is None:
         headers: tuple[tuple[str, bytes], ...] = ()
     else:
-        headers = headers_from_obj(
-            json.loads(headers_raw) if isinstance(headers_raw, str) else headers_raw
+        headers = (
+            headers_from_json(headers_raw)
+            if isinstance(headers_raw, str)
+            else headers_from_obj(headers_raw)
         )
     payload_hex = values["payload"]
     if payload_hex is None:
@@ -97,15 +106,17 @@ def row_to_event(values: Mapping[str, Any]) -> OutboxEvent:
     if not isinstance(type_, str) or not type_:
         raise ValueError("type is empty or NULL")
     content_type = values.get("content_type") or "application/octet-stream"
-    return OutboxEvent(
-        id=uuid.UUID(values["id"]),
-        created_at=_parse_time(values["created_at"]),
-        topic=validate_topic(values["topic"]),
-        type=type_,
-        payload=bytes.fromhex(payload_hex),
-        content_type=content_type,
-        key=key,
-        headers=headers,
+    return check_decoded(
+        OutboxEvent(
+            id=uuid.UUID(values["id"]),
+            created_at=_parse_time(values["created_at"]),
+            topic=validate_topic(values["topic"]),
+            type=type_,
+            payload=bytes.fromhex(payload_hex),
+            content_type=content_type,
+            key=key,
+            headers=headers,
+        )
     )
 
 

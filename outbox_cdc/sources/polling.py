@@ -16,7 +16,6 @@ rows with.
 
 from __future__ import annotations
 
-import json
 import logging
 import select
 import time
@@ -34,7 +33,13 @@ from outbox_cdc.errors import (
     SourceError,
     SourceInUseError,
 )
-from outbox_cdc.events import OutboxEvent, headers_from_obj, parse_time, validate_topic
+from outbox_cdc.events import (
+    OutboxEvent,
+    check_decoded,
+    headers_from_json,
+    parse_time,
+    validate_topic,
+)
 from outbox_cdc.schema import validate_table
 from outbox_cdc.sources.base import BEGIN, CleanupObserver, Commit, Item
 from outbox_cdc.sources.polling_databases import (
@@ -97,22 +102,24 @@ def row_to_event(row: Row, table: str) -> OutboxEvent | EventDecodeError:
         if headers is None or headers == "":
             user_headers: tuple[tuple[str, bytes], ...] = ()
         elif isinstance(headers, str):
-            user_headers = headers_from_obj(json.loads(headers))
+            user_headers = headers_from_json(headers)
         else:
             raise ValueError(f"headers is {type(headers).__name__}, not JSON text")
         if key is not None and not isinstance(key, str):
             key = bytes(key).decode("utf-8") if isinstance(key, bytes | bytearray) else str(key)
         if not isinstance(type_, str) or not type_:
             raise ValueError("type is empty or NULL")
-        return OutboxEvent(
-            id=event_id,
-            created_at=created,
-            topic=validate_topic(topic),
-            type=type_,
-            payload=value,
-            content_type=content_type or "application/octet-stream",
-            key=key,
-            headers=user_headers,
+        return check_decoded(
+            OutboxEvent(
+                id=event_id,
+                created_at=created,
+                topic=validate_topic(topic),
+                type=type_,
+                payload=value,
+                content_type=content_type or "application/octet-stream",
+                key=key,
+                headers=user_headers,
+            )
         )
     except (ValueError, TypeError, UnicodeDecodeError, RecursionError, EventValidationError) as exc:
         return EventDecodeError(
