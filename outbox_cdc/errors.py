@@ -112,7 +112,14 @@ class PermanentDeliveryError(SinkError):
 
     retriable = False
 
-    def __init__(self, message: str, *, event_id: str | None = None, topic: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        event_id: str | None = None,
+        topic: str | None = None,
+        too_large: bool = False,
+    ):
         detail = ", ".join(
             p
             for p in (f"event {event_id}" if event_id else "", f"topic {topic!r}" if topic else "")
@@ -121,6 +128,7 @@ class PermanentDeliveryError(SinkError):
         super().__init__(f"{message} ({detail})" if detail else message)
         self.event_id = event_id
         self.topic = topic
+        self.too_large = too_large  # the record itself exceeds the broker's or client's limit
 
 
 class PoisonEventError(OutboxError):

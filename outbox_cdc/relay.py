@@ -596,7 +596,7 @@ class Relay:
                 log.error(
                     "%s; sending it to dead-letter topic %s", exc, self.options.dead_letter_topic
                 )
-                self._send_dead_letter(c, str(exc))
+                self._send_dead_letter(c, str(exc), too_large=exc.too_large)
                 return
             self._unackable += 1
             raise PermanentDeliveryError(
@@ -608,19 +608,24 @@ class Relay:
             raise exc
         raise SinkError(f"Kafka delivery failed: {exc}")
 
-    def _send_dead_letter(self, c: _Completion, reason: str) -> None:
+    def _send_dead_letter(self, c: _Completion, reason: str, too_large: bool = False) -> None:
         topic = self.options.dead_letter_topic
         assert topic is not None and self.sink is not None
         rec = c.record
+        extra = [
+            ("outbox_cdc_error", reason.encode()),
+            ("outbox_cdc_original_topic", rec.topic.encode()),
+        ]
+        value = rec.value
+        if too_large:
+            # too large for Kafka: too large for the dead-letter topic too; the row keeps it
+            value = b""
+            extra.append(("outbox_cdc_original_size", str(len(rec.value)).encode()))
         dlq = KafkaRecord(
             topic=topic,
             key=rec.key,
-            value=rec.value,
-            headers=[
-                *rec.headers,
-                ("outbox_cdc_error", reason.encode()),
-                ("outbox_cdc_original_topic", rec.topic.encode()),
-            ],
+            value=value,
+            headers=[*rec.headers, *extra],
             event_id=rec.event_id,
         )
         self._send(_Completion(c.generation, c.txn, dlq, c.nbytes, c.commit_time, c.sent_at))

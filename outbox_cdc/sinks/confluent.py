@@ -87,7 +87,10 @@ def classify_error(
         return SinkError(f"Kafka producer fatal error (a new producer is needed): {what}")
     if code in _PERMANENT or (code in _UNKNOWN_TOPIC and not topics_created):
         return PermanentDeliveryError(
-            f"Kafka refused the record: {what}", event_id=event_id, topic=topic
+            f"Kafka refused the record: {what}",
+            event_id=event_id,
+            topic=topic,
+            too_large=code in (KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE),
         )
     return SinkError(f"Kafka delivery failed: {what}")
 
@@ -319,7 +322,14 @@ class ConfluentSink:
 
     def send(self, record: KafkaRecord, on_done: DeliveryCallback) -> None:
         if record.topic not in self._known_topics:
-            self._ensure_topic(record.topic)
+            try:
+                self._ensure_topic(record.topic)
+            except PermanentDeliveryError as exc:
+                raise PermanentDeliveryError(
+                    str(exc).split(" (topic ", 1)[0],
+                    event_id=record.event_id,
+                    topic=record.topic,
+                ) from None
         callback = functools.partial(_delivered, on_done, record, self.options.create_topics)
         deadline = 0.0
         while True:

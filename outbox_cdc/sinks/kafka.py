@@ -37,7 +37,10 @@ _PERMANENT = (
     kerr.PolicyViolationError,
     kerr.UnsupportedForMessageFormatError,
     kerr.InvalidRequestError,
+    kerr.InvalidRecordError,  # e.g. a compacted topic refusing a record without key
+    kerr.CorruptRecordError,
 )
+_TOO_LARGE = (kerr.MessageSizeTooLargeError, kerr.RecordListTooLargeError)
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,10 @@ def classify(exc: BaseException, record: KafkaRecord | None = None) -> SinkError
     name = type(exc).__name__
     if isinstance(exc, _PERMANENT):
         return PermanentDeliveryError(
-            f"Kafka refused the record: {name}: {exc}", event_id=event_id, topic=topic
+            f"Kafka refused the record: {name}: {exc}",
+            event_id=event_id,
+            topic=topic,
+            too_large=isinstance(exc, _TOO_LARGE),
         )
     return SinkError(f"Kafka delivery failed: {name}: {exc}")
 
@@ -211,13 +217,24 @@ class KafkaSink:
 
     def send(self, record: KafkaRecord, on_done: DeliveryCallback) -> None:
         if record.topic not in self._known_topics:
-            self._ensure_topic(record.topic)
+            try:
+                self._ensure_topic(record.topic)
+            except PermanentDeliveryError as exc:
+                raise _with_event(exc, record) from None
         try:
             future = self._producer.send(
                 record.topic, value=record.value, key=record.key, headers=record.headers
             )
         except kerr.KafkaError as exc:
             raise classify(exc, record) from None
+        except (ValueError, TypeError, AssertionError) as exc:
+            # kafka-python checks some records itself (e.g. an internal topic name) and raises
+            # plain exceptions: the record can never be sent
+            raise PermanentDeliveryError(
+                f"the Kafka client refused the record: {type(exc).__name__}: {exc}",
+                event_id=record.event_id,
+                topic=record.topic,
+            ) from None
         future.add_callback(_ok, on_done)
         future.add_errback(_failed, on_done, record)
 
@@ -278,6 +295,14 @@ class KafkaSink:
                 with contextlib.suppress(Exception):
                     sender.force_close()
             self._producer._closed = True
+
+
+def _with_event(exc: PermanentDeliveryError, record: KafkaRecord) -> PermanentDeliveryError:
+    """The same refusal, naming the event (a topic is checked before any record is sent)."""
+    message = str(exc).split(" (topic ", 1)[0]
+    return PermanentDeliveryError(
+        message, event_id=record.event_id, topic=record.topic, too_large=exc.too_large
+    )
 
 
 def _ok(on_done: DeliveryCallback, _metadata: object) -> None:

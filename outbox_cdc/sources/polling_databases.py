@@ -489,6 +489,9 @@ class SqliteDatabase(_SqlDatabase):
             self._conn = sqlite3.connect(
                 self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
             )
+            # SQLite lets invalid UTF-8 into TEXT; sqlite3 would fail the whole fetch on it.
+            # Such a value comes back as bytes and makes its row undecodable (a poison row).
+            self._conn.text_factory = _text_or_bytes
         except sqlite3.Error as exc:
             raise SourceError(f"cannot open SQLite database: {_describe(exc)}") from None
 
@@ -536,6 +539,13 @@ class SqliteDatabase(_SqlDatabase):
             with contextlib.suppress(OSError):
                 os.close(self._lock_fd)  # releases the flock
             self._lock_fd = -1
+
+
+def _text_or_bytes(raw: bytes) -> str | bytes:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
 
 
 def open_database(

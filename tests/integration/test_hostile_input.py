@@ -720,14 +720,7 @@ CLIENTS = ["kafka-python", "confluent"]
 @pytest.mark.parametrize(
     "client",
     [
-        pytest.param(
-            "kafka-python",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="open bug: kafka-python's producer (send()) raises ValueError for an "
-                "internal topic; the relay crashes with a traceback instead of dead-lettering",
-            ),
-        ),
+        "kafka-python",  # fixed: the client's own refusal (ValueError) is a permanent error
         "confluent",
     ],
 )
@@ -754,8 +747,9 @@ def test_a_topic_nobody_may_write_is_refused_for_good(
             "kafka-python",
             marks=pytest.mark.xfail(
                 strict=True,
-                reason="open bug: classify() treats InvalidRecordError as retriable: the relay "
-                "retries the refused record forever (no dead-letter, no stop)",
+                reason="open bug (kafka-python 3.0.12): InvalidRecordError is now permanent, but "
+                "the idempotent producer is then in a fatal state and fails the next record "
+                "(see the test below)",
             ),
         ),
         "confluent",
@@ -802,12 +796,6 @@ def test_kafka_python_producer_goes_on_after_the_broker_refused_a_record(
 
 
 @pytest.mark.parametrize("client", CLIENTS)
-@pytest.mark.xfail(
-    strict=True,
-    reason="open bug: a topic refused before producing (missing with topic creation off, or "
-    "a name Kafka refuses to create) raises PermanentDeliveryError without the event id: the "
-    "relay's error names only the topic",
-)
 def test_refused_topic_error_names_the_event(
     client: str, kafka_bootstrap: str, made: Outboxes
 ) -> None:
@@ -824,9 +812,9 @@ def test_refused_topic_error_names_the_event(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="open bug: a dead-lettered record keeps its value, so an event too large for Kafka is "
-    "too large for the dead-letter topic as well: the relay stops anyway (and with "
-    "kafka-python the producer is in a fatal state by then)",
+    reason="open bug (kafka-python 3.0.12): the dead letter of a record too large now goes "
+    "without its value, but the idempotent producer is in a fatal state after the refusal "
+    "and fails the dead letter too: the relay stops",
 )
 def test_an_oversized_event_with_a_dead_letter_topic_does_not_stop_the_relay(
     made: Outboxes, kafka_bootstrap: str, tmp_path: Path
@@ -848,12 +836,6 @@ def test_an_oversized_event_with_a_dead_letter_topic_does_not_stop_the_relay(
     assert big in ids_of(read_topic(kafka_bootstrap, dlq, timeout=5))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open bug: SQLite lets invalid UTF-8 into a TEXT column, and sqlite3 raises "
-    "OperationalError when the poll fetches it, outside the adapter's error mapping: the relay "
-    "crashes with a traceback on every start, the row cannot be dead-lettered",
-)
 def test_sqlite_key_with_invalid_utf8_is_a_poison_row(tmp_path: Path) -> None:
     """No service needed: what the polling relay's SQLite adapter reads back."""
     path = tmp_path / "app.db"
