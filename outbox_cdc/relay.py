@@ -58,6 +58,13 @@ class RelayObserver(Protocol):
         """A publish or connection error, by reason (a short fixed word)."""
 
 
+POISON_ADVICE = (
+    "The relay stopped so that nothing after it is confirmed. Set a dead-letter topic "
+    "(--dead-letter-topic) to route such rows there and restart; in polling mode fixing or "
+    "deleting the row works too (in WAL mode the row stays in the WAL: deleting it does not help)"
+)
+
+
 class ProgressReader(Protocol):
     def load(self, key: str) -> dict[str, Any] | None: ...
 
@@ -501,11 +508,7 @@ class Relay:
     def _dead_letter_record(self, err: EventDecodeError) -> KafkaRecord:
         topic = self.options.dead_letter_topic
         if not topic:
-            raise PoisonEventError(
-                f"{err}. The relay stopped so that nothing after it is confirmed: fix or "
-                "delete the row's cause and restart, or set a dead-letter topic "
-                "(--dead-letter-topic) to route such rows there"
-            )
+            raise PoisonEventError(f"{err}. {POISON_ADVICE}")
         log.error("%s; sending it to dead-letter topic %s", err, topic)
         self.observer.error("undecodable")
         return KafkaRecord(
@@ -651,11 +654,7 @@ class Relay:
         self.observer.error("undecodable")
         if not topic:
             self._unackable += 1
-            raise PoisonEventError(
-                f"{err}. The relay stopped so that nothing after it is confirmed: fix or "
-                "delete the row's cause and restart, or set a dead-letter topic "
-                "(--dead-letter-topic) to route such rows there"
-            )
+            raise PoisonEventError(f"{err}. {POISON_ADVICE}")
         log.error("%s; sending it to dead-letter topic %s", err, topic)
         rec = KafkaRecord(
             topic=topic,
