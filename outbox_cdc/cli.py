@@ -85,6 +85,14 @@ _table = click.option(
     default=None,
     help="Outbox table [default: public.outbox, or outbox outside PostgreSQL]",
 )
+_config = click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="OUTBOX_CDC_CONFIG",
+    show_envvar=True,
+    help="TOML file with settings (the same for start and recover)",
+)
 _mode = click.option(
     "--mode",
     envvar="OUTBOX_CDC_MODE",
@@ -105,14 +113,7 @@ _slot = click.option(
 
 
 @main.command()
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(path_type=Path, dir_okay=False),
-    envvar="OUTBOX_CDC_CONFIG",
-    show_envvar=True,
-    help="TOML file with settings",
-)
+@_config
 @click.option("--database-url", help="Database URL [env OUTBOX_CDC_DATABASE_URL]")
 @click.option(
     "--mode",
@@ -466,14 +467,7 @@ def check(
 
 
 @main.command()
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(path_type=Path, dir_okay=False),
-    envvar="OUTBOX_CDC_CONFIG",
-    show_envvar=True,
-    help="TOML file with settings (the same as for start)",
-)
+@_config
 @click.option("--database-url", help="PostgreSQL URL [env OUTBOX_CDC_DATABASE_URL]")
 @click.option("--kafka-bootstrap-servers", help="[env OUTBOX_CDC_KAFKA_BOOTSTRAP_SERVERS]")
 @click.option("--table", help="Outbox table [default: public.outbox]")
