@@ -506,11 +506,13 @@ class Relay:
         return SinkError(f"Kafka delivery failed: {exc}")
 
     def _dead_letter_record(self, err: EventDecodeError) -> KafkaRecord:
+        """The dead letter of an undecodable row (both modes); raises PoisonEventError when no
+        dead-letter topic is set."""
         topic = self.options.dead_letter_topic
+        self.observer.error("undecodable")
         if not topic:
             raise PoisonEventError(f"{err}. {POISON_ADVICE}")
         log.error("%s; sending it to dead-letter topic %s", err, topic)
-        self.observer.error("undecodable")
         return KafkaRecord(
             topic=topic,
             key=None,
@@ -650,19 +652,9 @@ class Relay:
 
     def _poison(self, err: EventDecodeError, txn: Transaction, generation: int) -> None:
         """A committed row that cannot become a record: dead-letter it or stop."""
-        topic = self.options.dead_letter_topic
-        self.observer.error("undecodable")
-        if not topic:
-            self._unackable += 1
-            raise PoisonEventError(f"{err}. {POISON_ADVICE}")
-        log.error("%s; sending it to dead-letter topic %s", err, topic)
-        rec = KafkaRecord(
-            topic=topic,
-            key=None,
-            value=str(err).encode(),
-            headers=[("outbox_cdc_error", str(err).encode())],
-            event_id=err.event_id or "",
-        )
+        if not self.options.dead_letter_topic:
+            self._unackable += 1  # never acknowledged: nothing after it is confirmed
+        rec = self._dead_letter_record(err)
         c = _Completion(generation, txn, rec, 64, time.time(), time.monotonic())
         self._in_flight_bytes += c.nbytes
         self._send(c)
