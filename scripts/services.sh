@@ -46,6 +46,11 @@ PG_RESTART_SETTINGS=(wal_level=logical max_replication_slots=40 max_wal_senders=
 KAFKA_PORT=9092
 KAFKA_CONTROLLER_PORT=9093
 KAFKA_BOOTSTRAP="127.0.0.1:$KAFKA_PORT"
+# A second plaintext listener for the fault-injection tests: the broker advertises it at the
+# address of the test suite's fault proxy (tests/support/faultproxy.py), which forwards to it, so
+# that every connection a client opens after bootstrap also goes through the proxy.
+KAFKA_FAULT_PORT=9094
+KAFKA_FAULT_PROXY_PORT=19094
 KAFKA_SRC="$ROOT_DIR/scripts/kafka"
 KAFKA_HOME="$CACHE_DIR/kafka"
 KAFKA_LIB="$KAFKA_HOME/lib"
@@ -506,6 +511,7 @@ kafka_configure() {
     local tmp changed=""
     tmp=$(mktemp)
     sed -e "s|@KAFKA_PORT@|$KAFKA_PORT|g" -e "s|@CONTROLLER_PORT@|$KAFKA_CONTROLLER_PORT|g" \
+        -e "s|@FAULT_PORT@|$KAFKA_FAULT_PORT|g" -e "s|@FAULT_PROXY_PORT@|$KAFKA_FAULT_PROXY_PORT|g" \
         -e "s|@DATA_DIR@|$KAFKA_DATA|g" "$KAFKA_SRC/server.properties.in" >"$tmp"
     if ! cmp -s "$tmp" "$KAFKA_CONF"; then
         [ ! -f "$KAFKA_CONF" ] || changed=changed
@@ -585,8 +591,8 @@ kafka_start_server() {
         kafka_wait_ready "$pid"
         return 0
     fi
-    if port_open "$KAFKA_PORT" || port_open "$KAFKA_CONTROLLER_PORT"; then
-        die "kafka: port $KAFKA_PORT or $KAFKA_CONTROLLER_PORT is taken by another process"
+    if port_open "$KAFKA_PORT" || port_open "$KAFKA_CONTROLLER_PORT" || port_open "$KAFKA_FAULT_PORT"; then
+        die "kafka: port $KAFKA_PORT, $KAFKA_CONTROLLER_PORT or $KAFKA_FAULT_PORT is taken by another process"
     fi
     kafka_format
     printf '===== %s starting broker =====\n' "$(date -Is)" >>"$KAFKA_LOG"
@@ -843,6 +849,8 @@ write_env_file() {
 export OUTBOX_CDC_TEST_POSTGRES_URL=$PG_URL
 export OUTBOX_CDC_TEST_POSTGRES_ADMIN_URL=$PG_ADMIN_URL
 export OUTBOX_CDC_TEST_KAFKA_BOOTSTRAP_SERVERS=$KAFKA_BOOTSTRAP
+export OUTBOX_CDC_TEST_KAFKA_FAULT_LISTENER=127.0.0.1:$KAFKA_FAULT_PORT
+export OUTBOX_CDC_TEST_KAFKA_FAULT_ADVERTISED=127.0.0.1:$KAFKA_FAULT_PROXY_PORT
 export OUTBOX_CDC_TEST_MYSQL_URL=$MYSQL_URL
 export OUTBOX_CDC_TEST_SERVICES_SCRIPT=$SCRIPT_PATH
 EOF
