@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # Local services for the outbox-cdc test suite, on Debian/Ubuntu, without Docker:
 #
-#   PostgreSQL 15 + wal2json  (apt, Debian cluster 15/main)   127.0.0.1:5432
-#   Apache Kafka 4.x, KRaft    (jars from Maven Central)       127.0.0.1:9092 (controller 9093)
+#   PostgreSQL 15 + wal2json  (apt, Debian cluster 15/main)   127.0.0.1:5432 (TLS too: ssl=on)
+#   Apache Kafka 4.x, KRaft    (jars from Maven Central)       127.0.0.1:9092 (controller 9093,
+#                                                              SASL_SSL 9095, mutual TLS 9096)
 #   MariaDB                    (apt)                           127.0.0.1:3306
+#
+# TLS: a local test CA and a server certificate (SANs localhost and 127.0.0.1), generated once
+# with openssl into $CACHE_DIR/tls, serve PostgreSQL's TLS and Kafka's SASL_SSL and SSL listeners.
+# The role outbox_tls may only log in over TLS (pg_hba hostssl/hostnossl reject); plaintext logins
+# of the other roles keep working.
 #
 # Usage: scripts/services.sh up|down|status
 #        scripts/services.sh start|stop|restart postgres|kafka|mysql
@@ -28,6 +34,15 @@ STATE_FILE="$CACHE_DIR/started-by-up"
 ENV_FILE="$ROOT_DIR/.services.env"
 SERVICES=(postgres kafka mysql)
 
+# --- TLS (local test CA) ----------------------------------------------------------------------
+TLS_DIR="$CACHE_DIR/tls"
+TLS_CA="$TLS_DIR/ca.crt"
+TLS_OTHER_CA="$TLS_DIR/other-ca.crt"   # a CA that signed nothing here: the "wrong CA" of tests
+TLS_SERVER_CERT="$TLS_DIR/server.crt"
+TLS_SERVER_PEM="$TLS_DIR/server-keystore.pem"   # key + certificate, Kafka's PEM keystore
+TLS_CLIENT_CERT="$TLS_DIR/client.crt"
+TLS_CLIENT_KEY="$TLS_DIR/client.key"
+
 # --- PostgreSQL ---------------------------------------------------------------------------
 PG_VERSION=15
 PG_CLUSTER=main
@@ -38,6 +53,12 @@ PG_HBA="$PG_CONF_DIR/pg_hba.conf"
 PG_PACKAGES=("postgresql-$PG_VERSION" "postgresql-$PG_VERSION-wal2json")
 PG_URL="postgresql://outbox:outbox@127.0.0.1:$PG_PORT/outbox_test"
 PG_ADMIN_URL="postgresql://outbox_admin:outbox_admin@127.0.0.1:$PG_PORT/outbox_test"
+PG_TLS_DIR="$PG_CONF_DIR/outbox-cdc-tls"
+# A role that may only log in over TLS, with a distinctive password (the secret-leak tests look
+# for it in everything the relay prints); member of outbox, so it uses the test database as it.
+PG_TLS_USER=outbox_tls
+PG_TLS_PASSWORD=pg-tls-Pw-9d4e7b1c
+PG_TLS_URL="postgresql://$PG_TLS_USER:$PG_TLS_PASSWORD@localhost:$PG_PORT/outbox_test?sslmode=verify-full&sslrootcert=$TLS_CA"
 # settings that need a server restart (the rest of the drop-in only needs a reload)
 PG_RESTART_SETTINGS=(wal_level=logical max_replication_slots=40 max_wal_senders=40
     listen_addresses=localhost)
@@ -51,6 +72,12 @@ KAFKA_BOOTSTRAP="127.0.0.1:$KAFKA_PORT"
 # that every connection a client opens after bootstrap also goes through the proxy.
 KAFKA_FAULT_PORT=9094
 KAFKA_FAULT_PROXY_PORT=19094
+# SASL_SSL (PLAIN and SCRAM-SHA-512, user $KAFKA_SASL_USER) and SSL with a required client
+# certificate (mutual TLS), both with the local CA's server certificate.
+KAFKA_SASL_PORT=9095
+KAFKA_MTLS_PORT=9096
+KAFKA_SASL_USER=relay
+KAFKA_SASL_PASSWORD=kafka-sasl-Pw-3f8a2c6e
 KAFKA_SRC="$ROOT_DIR/scripts/kafka"
 KAFKA_HOME="$CACHE_DIR/kafka"
 KAFKA_LIB="$KAFKA_HOME/lib"
@@ -185,6 +212,68 @@ state_remove() {
 }
 
 # ============================================================================================
+# TLS: local CA, server and client certificates (once; openssl)
+# ============================================================================================
+tls_make_ca() {
+    local key=$1 crt=$2 cn=$3
+    openssl req -x509 -new -newkey rsa:2048 -nodes -sha256 -days 3650 -keyout "$key" -out "$crt" \
+        -subj "/CN=$cn" -addext basicConstraints=critical,CA:TRUE \
+        -addext keyUsage=critical,keyCertSign,cRLSign >/dev/null 2>&1
+}
+
+# tls_sign DIR NAME CN EXTENDED_KEY_USAGE [SAN]: DIR/NAME.key (PKCS#8, unencrypted), DIR/NAME.crt
+tls_sign() {
+    local dir=$1 name=$2 cn=$3 eku=$4 san=${5:-} ext
+    ext="$dir/$name.ext"
+    {
+        echo 'basicConstraints=critical,CA:FALSE'
+        echo 'keyUsage=critical,digitalSignature,keyEncipherment'
+        echo "extendedKeyUsage=$eku"
+        echo 'subjectKeyIdentifier=hash'
+        echo 'authorityKeyIdentifier=keyid,issuer'
+        [ -z "$san" ] || echo "subjectAltName=$san"
+    } >"$ext"
+    openssl req -new -newkey rsa:2048 -nodes -keyout "$dir/$name.key" -out "$dir/$name.csr" \
+        -subj "/CN=$cn" >/dev/null 2>&1 || return 1
+    openssl x509 -req -sha256 -days 3650 -in "$dir/$name.csr" -CA "$dir/ca.crt" \
+        -CAkey "$dir/ca.key" -set_serial "0x$(openssl rand -hex 16)" -extfile "$ext" \
+        -out "$dir/$name.crt" >/dev/null 2>&1 || return 1
+    rm -f "$dir/$name.csr" "$ext"
+}
+
+# the CA, a second CA (signs nothing), the server certificate (SANs localhost, 127.0.0.1) and a
+# client certificate; generated once (kept while they verify against the CA)
+tls_ensure() {
+    if [ -s "$TLS_CA" ] && [ -s "$TLS_OTHER_CA" ] && [ -s "$TLS_SERVER_PEM" ] \
+        && [ -s "$TLS_CLIENT_KEY" ] && openssl verify -CAfile "$TLS_CA" "$TLS_SERVER_CERT" \
+        "$TLS_CLIENT_CERT" >/dev/null 2>&1; then
+        return 0
+    fi
+    command -v openssl >/dev/null 2>&1 || apt_ensure openssl
+    log "tls: generating a local CA and certificates in $TLS_DIR"
+    local tmp="$TLS_DIR.tmp.$$"
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
+    chmod 0755 "$tmp"
+    tls_make_ca "$tmp/ca.key" "$tmp/ca.crt" "outbox-cdc test CA" \
+        || die "tls: openssl could not create the CA"
+    tls_make_ca "$tmp/other-ca.key" "$tmp/other-ca.crt" "outbox-cdc other test CA" \
+        || die "tls: openssl could not create the other CA"
+    rm -f "$tmp/other-ca.key"
+    tls_sign "$tmp" server localhost serverAuth "DNS:localhost,IP:127.0.0.1" \
+        || die "tls: openssl could not sign the server certificate"
+    tls_sign "$tmp" client relay-client clientAuth \
+        || die "tls: openssl could not sign the client certificate"
+    cat "$tmp/server.key" "$tmp/server.crt" >"$tmp/server-keystore.pem"
+    chmod 0644 "$tmp"/*.crt
+    chmod 0600 "$tmp"/*.key "$tmp/server-keystore.pem"
+    rm -rf "$TLS_DIR"
+    mv "$tmp" "$TLS_DIR"
+}
+
+tls_fingerprint() { openssl x509 -noout -fingerprint -sha256 -in "$TLS_SERVER_CERT" | cut -d= -f2; }
+
+# ============================================================================================
 # PostgreSQL 15 + wal2json
 # ============================================================================================
 pg_installed() { [ -z "$(missing_packages "${PG_PACKAGES[@]}")" ]; }
@@ -221,6 +310,10 @@ wal_level = logical
 max_replication_slots = 40
 max_wal_senders = 40
 max_slot_wal_keep_size = 2GB
+# TLS with the local test CA's server certificate (a reload applies these)
+ssl = on
+ssl_cert_file = '$PG_TLS_DIR/server.crt'
+ssl_key_file = '$PG_TLS_DIR/server.key'
 EOF
     if ! as_root grep -Eq "^[[:space:]]*include_dir[[:space:]]*=[[:space:]]*'conf.d'" \
         "$PG_CONF_DIR/postgresql.conf"; then
@@ -233,20 +326,39 @@ EOF
         changed=1
     fi
 
+    as_root install -d -m 0700 -o postgres -g postgres "$PG_TLS_DIR"
+    local f
+    for f in server.crt server.key; do
+        if ! as_root cmp -s "$TLS_DIR/$f" "$PG_TLS_DIR/$f"; then
+            as_root install -m 0600 -o postgres -g postgres "$TLS_DIR/$f" "$PG_TLS_DIR/$f"
+            log "postgres: installed $PG_TLS_DIR/$f"
+            changed=1
+        fi
+    done
+
     # Password (scram) logins over 127.0.0.1 for every role. Two lines, because a *physical*
     # replication connection matches only the `replication` keyword, while a logical one
     # (replication=database) matches the database column like a normal connection. Put first so
-    # that no earlier line (reject/peer/trust) wins.
-    if ! as_root grep -q '^# BEGIN outbox-cdc' "$PG_HBA"; then
-        {
-            echo '# BEGIN outbox-cdc (managed by scripts/services.sh)'
-            echo 'host    all          all    127.0.0.1/32    scram-sha-256'
-            echo 'host    replication  all    127.0.0.1/32    scram-sha-256'
-            echo '# END outbox-cdc'
-            as_root cat "$PG_HBA"
-        } >"$tmp"
+    # that no earlier line (reject/peer/trust) wins. $PG_TLS_USER: TLS only (hostssl), from
+    # 127.0.0.1 or ::1 (the name localhost may resolve to either); refused without TLS.
+    {
+        cat <<EOF
+# BEGIN outbox-cdc (managed by scripts/services.sh)
+hostssl    all          $PG_TLS_USER  127.0.0.1/32    scram-sha-256
+hostssl    replication  $PG_TLS_USER  127.0.0.1/32    scram-sha-256
+hostssl    all          $PG_TLS_USER  ::1/128         scram-sha-256
+hostssl    replication  $PG_TLS_USER  ::1/128         scram-sha-256
+hostnossl  all          $PG_TLS_USER  all             reject
+hostnossl  replication  $PG_TLS_USER  all             reject
+host       all          all         127.0.0.1/32    scram-sha-256
+host       replication  all         127.0.0.1/32    scram-sha-256
+# END outbox-cdc
+EOF
+        as_root awk '/^# BEGIN outbox-cdc/ { skip = 1 } !skip { print } /^# END outbox-cdc/ { skip = 0 }' "$PG_HBA"
+    } >"$tmp"
+    if ! as_root cmp -s "$tmp" "$PG_HBA"; then
         as_root install -m 0640 -o postgres -g postgres "$tmp" "$PG_HBA"
-        log "postgres: added the outbox-cdc block at the top of $PG_HBA"
+        log "postgres: wrote the outbox-cdc block at the top of $PG_HBA"
         changed=1
     fi
     rm -f "$tmp"
@@ -313,6 +425,11 @@ $$;
 SELECT 'CREATE DATABASE outbox_test OWNER outbox'
 WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'outbox_test') \gexec
 SQL
+    pg_super -d postgres <<SQL
+SET client_min_messages = warning;
+SELECT 'CREATE ROLE $PG_TLS_USER LOGIN REPLICATION PASSWORD ''$PG_TLS_PASSWORD'' IN ROLE outbox'
+WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PG_TLS_USER') \gexec
+SQL
 }
 
 # a real query over TCP with the password, as $1 (outbox|outbox_admin)
@@ -331,6 +448,14 @@ pg_ready_check() {
             return 1
         fi
     done
+    # TLS with verify-full against the local CA, seen by the server in pg_stat_ssl
+    out=$(PGPASSWORD=$PG_TLS_PASSWORD PGCONNECT_TIMEOUT=5 psql -X -q -At -v ON_ERROR_STOP=1 \
+        "host=localhost port=$PG_PORT user=$PG_TLS_USER dbname=outbox_test sslmode=verify-full sslrootcert=$TLS_CA" \
+        -c 'SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()' 2>&1) || true
+    if [ "$out" != t ]; then
+        log "postgres: 'SELECT ssl FROM pg_stat_ssl' as $PG_TLS_USER over verify-full TLS: $out"
+        return 1
+    fi
     # wal2json loads: creating a temporary slot (dropped when the session ends) loads the output
     # plugin, and needs the REPLICATION attribute. Slot creation waits for the transactions open
     # at that moment: when one stays open (another client's work), fall back to LOADing the
@@ -357,7 +482,9 @@ pg_ready() {
         # the passwords may have been changed by hand: set them back and try again
         log "postgres: resetting the passwords of outbox and outbox_admin"
         pg_super -d postgres -c "ALTER ROLE outbox PASSWORD 'outbox'" \
-            -c "ALTER ROLE outbox_admin PASSWORD 'outbox_admin'" >/dev/null
+            -c "ALTER ROLE outbox_admin PASSWORD 'outbox_admin'" \
+            -c "ALTER ROLE $PG_TLS_USER LOGIN REPLICATION PASSWORD '$PG_TLS_PASSWORD'" \
+            -c "GRANT outbox TO $PG_TLS_USER" >/dev/null
         pg_ready_check || { log_tail "$(pg_log_file)"; die "postgres is running but not usable"; }
     fi
 }
@@ -371,6 +498,7 @@ pg_up() {
         UP_INSTALL=$(elapsed "$t0")
         log "postgres: installed in $UP_INSTALL s"
     fi
+    tls_ensure
     changed=$(pg_configure)
     t0=$(now)
     if pg_running; then
@@ -512,7 +640,12 @@ kafka_configure() {
     tmp=$(mktemp)
     sed -e "s|@KAFKA_PORT@|$KAFKA_PORT|g" -e "s|@CONTROLLER_PORT@|$KAFKA_CONTROLLER_PORT|g" \
         -e "s|@FAULT_PORT@|$KAFKA_FAULT_PORT|g" -e "s|@FAULT_PROXY_PORT@|$KAFKA_FAULT_PROXY_PORT|g" \
+        -e "s|@SASL_PORT@|$KAFKA_SASL_PORT|g" -e "s|@MTLS_PORT@|$KAFKA_MTLS_PORT|g" \
+        -e "s|@SASL_USER@|$KAFKA_SASL_USER|g" -e "s|@SASL_PASSWORD@|$KAFKA_SASL_PASSWORD|g" \
+        -e "s|@TLS_CA@|$TLS_CA|g" -e "s|@TLS_KEYSTORE@|$TLS_SERVER_PEM|g" \
         -e "s|@DATA_DIR@|$KAFKA_DATA|g" "$KAFKA_SRC/server.properties.in" >"$tmp"
+    # the certificate's fingerprint: a new certificate changes the file, so the broker restarts
+    printf '# server certificate sha256 %s\n' "$(tls_fingerprint)" >>"$tmp"
     if ! cmp -s "$tmp" "$KAFKA_CONF"; then
         [ ! -f "$KAFKA_CONF" ] || changed=changed
         mv "$tmp" "$KAFKA_CONF"
@@ -533,7 +666,9 @@ kafka_format() {
     cluster_id=$(kafka_java kafka.tools.StorageTool random-uuid 2>>"$KAFKA_LOG" | tail -n 1)
     [ -n "$cluster_id" ] || { log_tail "$KAFKA_LOG"; die "kafka: StorageTool random-uuid failed"; }
     log "kafka: formatting $KAFKA_DATA (cluster id $cluster_id)"
+    # the SCRAM credentials of the SASL_SSL listener's user go into the metadata at format time
     kafka_java kafka.tools.StorageTool format --standalone -t "$cluster_id" -c "$KAFKA_CONF" \
+        --add-scram "SCRAM-SHA-512=[name=$KAFKA_SASL_USER,password=$KAFKA_SASL_PASSWORD]" \
         >>"$KAFKA_LOG" 2>&1 || { log_tail "$KAFKA_LOG"; die "kafka: StorageTool format failed"; }
 }
 
@@ -573,7 +708,8 @@ kafka_wait_ready() {
             log_tail "$KAFKA_LOG" 60
             die "kafka: the broker process $pid exited during startup (log: $KAFKA_LOG)"
         fi
-        if port_open "$KAFKA_PORT" && kafka_probe; then
+        if port_open "$KAFKA_PORT" && port_open "$KAFKA_SASL_PORT" && port_open "$KAFKA_MTLS_PORT" \
+            && kafka_probe; then
             return 0
         fi
         if [ "$SECONDS" -ge "$deadline" ]; then
@@ -591,9 +727,11 @@ kafka_start_server() {
         kafka_wait_ready "$pid"
         return 0
     fi
-    if port_open "$KAFKA_PORT" || port_open "$KAFKA_CONTROLLER_PORT" || port_open "$KAFKA_FAULT_PORT"; then
-        die "kafka: port $KAFKA_PORT, $KAFKA_CONTROLLER_PORT or $KAFKA_FAULT_PORT is taken by another process"
-    fi
+    local port
+    for port in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "$KAFKA_FAULT_PORT" "$KAFKA_SASL_PORT" \
+        "$KAFKA_MTLS_PORT"; do
+        if port_open "$port"; then die "kafka: port $port is taken by another process"; fi
+    done
     kafka_format
     printf '===== %s starting broker =====\n' "$(date -Is)" >>"$KAFKA_LOG"
     rm -f "$KAFKA_PID"
@@ -642,6 +780,7 @@ kafka_up() {
         UP_INSTALL=$(elapsed "$t0")
         log "kafka: jars fetched in $UP_INSTALL s"
     fi
+    tls_ensure
     changed=$(kafka_configure)
     t0=$(now)
     if [ "$changed" = changed ]; then
@@ -853,6 +992,15 @@ export OUTBOX_CDC_TEST_KAFKA_FAULT_LISTENER=127.0.0.1:$KAFKA_FAULT_PORT
 export OUTBOX_CDC_TEST_KAFKA_FAULT_ADVERTISED=127.0.0.1:$KAFKA_FAULT_PROXY_PORT
 export OUTBOX_CDC_TEST_MYSQL_URL=$MYSQL_URL
 export OUTBOX_CDC_TEST_SERVICES_SCRIPT=$SCRIPT_PATH
+export OUTBOX_CDC_TEST_CA_FILE=$TLS_CA
+export OUTBOX_CDC_TEST_OTHER_CA_FILE=$TLS_OTHER_CA
+export OUTBOX_CDC_TEST_CLIENT_CERT_FILE=$TLS_CLIENT_CERT
+export OUTBOX_CDC_TEST_CLIENT_KEY_FILE=$TLS_CLIENT_KEY
+export OUTBOX_CDC_TEST_POSTGRES_TLS_URL='$PG_TLS_URL'
+export OUTBOX_CDC_TEST_KAFKA_SASL_BOOTSTRAP_SERVERS=127.0.0.1:$KAFKA_SASL_PORT
+export OUTBOX_CDC_TEST_KAFKA_SASL_USERNAME=$KAFKA_SASL_USER
+export OUTBOX_CDC_TEST_KAFKA_SASL_PASSWORD=$KAFKA_SASL_PASSWORD
+export OUTBOX_CDC_TEST_KAFKA_MTLS_BOOTSTRAP_SERVERS=127.0.0.1:$KAFKA_MTLS_PORT
 EOF
     if cmp -s "$tmp" "$ENV_FILE"; then
         rm -f "$tmp"
