@@ -71,6 +71,14 @@ class Settings(BaseSettings):
     status_interval: float = Field(
         10.0, gt=0, le=300, description="seconds between status updates when idle"
     )
+    replication_timeout: float = Field(
+        60.0,
+        ge=0,
+        le=3600,
+        description="WAL: seconds without any message from the server after which the "
+        "replication connection is taken for dead and reopened (a reply is asked for after "
+        "half of it); 0: never",
+    )
 
     # -- polling ---------------------------------------------------------------------------------
     poll_interval: float = Field(
@@ -234,6 +242,7 @@ class Settings(BaseSettings):
             message_prefix=self.message_prefix or None,
             create_slot=self.create_slot,
             status_interval=self.status_interval,
+            replication_timeout=self.replication_timeout,
             heartbeat_interval=self.heartbeat_interval,
             retention=self.retention,
         )

@@ -245,6 +245,8 @@ class PostgresDatabase(_SqlDatabase):
     def connect(self) -> None:
         import psycopg
 
+        from outbox_cdc.sources.keepalive import tcp_timeouts
+
         self.close()
         try:
             self._conn = psycopg.connect(
@@ -252,6 +254,7 @@ class PostgresDatabase(_SqlDatabase):
                 autocommit=True,
                 connect_timeout=max(1, int(self.connect_timeout)),
                 application_name="outbox-cdc-poller",
+                **tcp_timeouts(self.dsn),
             )
         except psycopg.Error as exc:
             raise SourceError(f"cannot connect to PostgreSQL: {_describe(exc)}") from None

@@ -39,6 +39,7 @@ from outbox_cdc.protocol.replication import (
     status_update,
 )
 from outbox_cdc.sources.base import Begin, CleanupObserver, Commit, Item
+from outbox_cdc.sources.keepalive import tcp_timeouts
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,9 @@ class WalSourceOptions:
     confirm_interval: float = 0.1
     offset_interval: float = 1.0
     connect_timeout: float = 10.0
+    # Like PostgreSQL's own wal_receiver_timeout: after half of it without a message from the
+    # server, ask for a reply; after the other half, the connection is taken for dead. 0: never.
+    replication_timeout: float = 60.0
     application_name: str = "outbox-cdc"
     heartbeat_interval: float = 0.0  # 0: no heartbeat messages
     retention: float | None = None  # None: never delete rows; 0: once delivered
@@ -121,6 +125,8 @@ class WalSource:
         self._last_status = 0.0
         self._last_offset_save = 0.0
         self._reply_requested = False
+        self._last_heard = 0.0  # monotonic time of the last message from the server
+        self._ping_at: float | None = None  # a reply was asked for then, none came yet
         self._idle_pos: int | None = None
         self._txn_time: float | None = None  # commit time of the transaction being read
         self.started_at_lsn = 0
@@ -162,6 +168,7 @@ class WalSource:
                 autocommit=True,
                 connect_timeout=max(1, int(self.options.connect_timeout)),
                 application_name=self.options.application_name,
+                **tcp_timeouts(self.options.dsn),
                 **kwargs,
             )
         except psycopg.OperationalError as exc:
@@ -260,6 +267,8 @@ class WalSource:
         self._received = start
         self._sent_flushed = -1
         self._idle_pos = None
+        self._last_heard = time.monotonic()
+        self._ping_at = None
         self.started_at_lsn = start
         log.info(
             "streaming slot %s from %s (slot confirmed %s, recorded delivered %s)",
@@ -284,6 +293,8 @@ class WalSource:
             while len(out) < max_items:
                 nbytes, data = pgconn.get_copy_data(1)
                 if nbytes > 0:
+                    self._last_heard = time.monotonic()
+                    self._ping_at = None
                     tag = data[0]
                     if tag == XLOGDATA_TAG:
                         start, wal_end = parse_xlogdata_header(data)
@@ -344,10 +355,25 @@ class WalSource:
                     pgconn.consume_input()
                 elif ready:
                     break  # woken up by the relay
+                else:
+                    self._check_alive()
         except psycopg.Error as exc:
             raise SourceError(f"replication stream lost: {_describe(exc)}") from None
         self.tick()
         return out
+
+    def _check_alive(self) -> None:
+        """Called after waiting on an empty socket: a reply asked for half a timeout ago that
+        never came means the connection is dead, even if TCP has not noticed (a network
+        partition leaves it half-open; the kernel would only give up after ~15 minutes)."""
+        timeout = self.options.replication_timeout
+        now = time.monotonic()
+        if timeout and self._ping_at is not None and now - self._ping_at >= timeout / 2:
+            raise SourceError(
+                f"no message from PostgreSQL for {now - self._last_heard:.0f} s, not even the"
+                " reply to a keepalive request: the replication connection is taken for dead"
+                f" (replication_timeout={timeout:g}s); reconnecting"
+            )
 
     def _stream_end_reason(self) -> str:
         try:
@@ -376,6 +402,10 @@ class WalSource:
         if self._pgconn is None:
             return
         now = time.monotonic()
+        timeout = self.options.replication_timeout
+        if timeout and self._ping_at is None and now - self._last_heard >= timeout / 2:
+            self._ping_at = now
+            self._send_status(force=True, reply=True)
         if (
             self._reply_requested
             or now - self._last_status >= self.options.status_interval
@@ -461,10 +491,10 @@ class WalSource:
         if self.cleanup_observer is not None:
             self.cleanup_observer.cleanup(time.monotonic() - started, deleted, failed)
 
-    def _send_status(self, force: bool) -> None:
+    def _send_status(self, force: bool, reply: bool = False) -> None:
         pgconn = self._pgconn
         flushed = self._flushed
-        msg = status_update(max(self._received, flushed), flushed, flushed, time.time())
+        msg = status_update(max(self._received, flushed), flushed, flushed, time.time(), reply)
         try:
             pgconn.put_copy_data(msg)
             pgconn.flush()
