@@ -134,3 +134,38 @@ class PermanentDeliveryError(SinkError):
 class PoisonEventError(OutboxError):
     """A committed outbox row cannot be published and no dead-letter topic is set: the relay
     stops rather than skip it."""
+
+
+# -- consumer side (outbox_cdc.consumer) -----------------------------------------------------------
+
+
+class ConsumerError(OutboxError):
+    """The consumer's Kafka side failed (broker unreachable, a commit or a dead letter not
+    acknowledged). Nothing past the last committed offset is lost: a restart redelivers it."""
+
+    retriable = True
+
+
+class EventParseError(ConsumerError):
+    """A Kafka record is not an outbox event (a CloudEvents binary-binding header missing,
+    ``ce_specversion`` not 1.0, a key that is not UTF-8) or its payload does not decode as its
+    ``content-type`` says. Retrying cannot help: it goes to the dead-letter topic, or, without
+    one, the consumer stops before it. ``record`` is the raw record."""
+
+    retriable = False
+
+    def __init__(self, message: str, *, record: object = None) -> None:
+        super().__init__(message)
+        self.record = record
+
+
+class HandlerFailedError(ConsumerError):
+    """The handler failed on an event after every attempt, and no dead-letter topic is set:
+    the consumer stops before that event rather than skip it (its offset is not committed)."""
+
+    retriable = False
+
+    def __init__(self, message: str, *, event: object = None, attempts: int = 0) -> None:
+        super().__init__(message)
+        self.event = event
+        self.attempts = attempts
