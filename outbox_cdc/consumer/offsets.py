@@ -49,6 +49,7 @@ class OffsetBook:
     def __init__(self) -> None:
         self._processed: dict[Partition, int] = {}  # next offset after the last processed
         self._committed: dict[Partition, int] = {}  # what Kafka has (as far as we know)
+        self._history: dict[Partition, int] = {}  # last commit per partition, kept on revoke
 
     def processed(self, partition: Partition, offset: int) -> None:
         """The record at ``offset`` is done (handled, or dead-lettered)."""
@@ -63,6 +64,7 @@ class OffsetBook:
     def committed(self, offsets: dict[Partition, int]) -> None:
         """Kafka acknowledged the commit of ``offsets``."""
         self._committed.update(offsets)
+        self._history.update(offsets)
 
     def forget(self, partitions: Iterable[Partition]) -> None:
         """The partitions were revoked (or lost): what was not committed will be redelivered to
@@ -72,7 +74,8 @@ class OffsetBook:
             self._committed.pop(p, None)
 
     def committed_offsets(self) -> dict[Partition, int]:
-        return dict(self._committed)
+        """The last offset this consumer committed per partition (revoked ones included)."""
+        return dict(self._history)
 
     @property
     def pending(self) -> int:

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+from kafka import ConsumerRebalanceListener
+
 from outbox_cdc.consumer.dead_letter import dead_letter_record, error_class
 from outbox_cdc.consumer.events import ConsumedEvent, RawRecord, parse_records
 from outbox_cdc.consumer.observer import ConsumerObserver, NullObserver
@@ -473,7 +475,7 @@ def _record_of(item: ConsumedEvent | EventParseError) -> RawRecord:
     return record
 
 
-class _Rebalance:
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     """kafka-python calls these from inside poll(), on the consumer's thread."""
 
     def __init__(self, core: StreamCore) -> None:
