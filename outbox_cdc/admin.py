@@ -364,13 +364,17 @@ def preflight_kafka(bootstrap_servers: str, client_config: dict[str, Any]) -> Ch
     import kafka.errors as kerr
     from kafka.admin import KafkaAdminClient
 
+    from outbox_cdc.sinks.security import kafka_python_failures, scrub, secrets_of
+
     try:
-        admin = KafkaAdminClient(
-            bootstrap_servers=bootstrap_servers.split(","),
-            client_id="outbox-cdc-check",
-            request_timeout_ms=10_000,
-            **client_config,
-        )
+        with kafka_python_failures() as failures:
+            admin = KafkaAdminClient(
+                bootstrap_servers=bootstrap_servers.split(","),
+                client_id="outbox-cdc-check",
+                request_timeout_ms=10_000,
+                bootstrap_timeout_ms=10_000,
+                **client_config,
+            )
         try:
             topics = admin.list_topics()
         finally:
@@ -379,9 +383,11 @@ def preflight_kafka(bootstrap_servers: str, client_config: dict[str, Any]) -> Ch
         return Check(
             "kafka reachable",
             False,
-            f"{type(exc).__name__}: {exc}",
+            scrub(f"{type(exc).__name__}: {exc}", secrets_of(client_config))
+            + failures.describe(client_config),
             f"check OUTBOX_CDC_KAFKA_BOOTSTRAP_SERVERS ({bootstrap_servers}) and the "
-            "Kafka security settings",
+            "Kafka security settings (OUTBOX_CDC_KAFKA_SECURITY_PROTOCOL, "
+            "OUTBOX_CDC_KAFKA_SASL_*, OUTBOX_CDC_KAFKA_SSL_*)",
         )
     return Check("kafka reachable", True, f"{bootstrap_servers}: {len(topics)} topics visible")
 

@@ -144,16 +144,20 @@ class ProgressStore:
         import kafka.errors as kerr
         from kafka.admin import KafkaAdminClient, NewTopic
 
+        from outbox_cdc.sinks.security import kafka_python_failures
+
         try:
-            admin = KafkaAdminClient(
-                bootstrap_servers=self.bootstrap,
-                client_id="outbox-cdc-progress-admin",
-                request_timeout_ms=int(self.timeout * 1000),
-                **self.client_config,
-            )
+            with kafka_python_failures() as failures:
+                admin = KafkaAdminClient(
+                    bootstrap_servers=self.bootstrap,
+                    client_id="outbox-cdc-progress-admin",
+                    request_timeout_ms=int(self.timeout * 1000),
+                    **self.client_config,
+                )
         except kerr.KafkaError as exc:
             raise SinkError(
                 f"cannot reach Kafka for the progress topic: {type(exc).__name__}"
+                + failures.describe(self.client_config)
             ) from None
         try:
             if self.topic in set(admin.list_topics()):

@@ -58,19 +58,23 @@ class KafkaProbe:
     def __call__(self) -> None:
         from kafka.admin import KafkaAdminClient
 
+        from outbox_cdc.sinks.security import kafka_python_failures
+
         try:
-            if self._admin is None:
-                self._admin = KafkaAdminClient(
-                    bootstrap_servers=self.bootstrap,
-                    client_id="outbox-cdc-health",
-                    request_timeout_ms=self.timeout_ms,
-                    **self.client_config,
-                )
-            self._admin.describe_cluster()
+            with kafka_python_failures() as failures:
+                if self._admin is None:
+                    self._admin = KafkaAdminClient(
+                        bootstrap_servers=self.bootstrap,
+                        client_id="outbox-cdc-health",
+                        request_timeout_ms=self.timeout_ms,
+                        **self.client_config,
+                    )
+                self._admin.describe_cluster()
         except Exception as exc:
             self.close()
             raise OutboxError(
                 f"Kafka did not answer a metadata request: {_one_line(exc)}"
+                + failures.describe(self.client_config)
             ) from None
 
     def close(self) -> None:

@@ -38,6 +38,7 @@ from outbox_cdc.errors import (
 from outbox_cdc.events import KafkaRecord
 from outbox_cdc.sinks.base import DeliveryCallback
 from outbox_cdc.sinks.kafka import KafkaOptions
+from outbox_cdc.sinks.security import describe_failure
 
 log = logging.getLogger(__name__)
 # librdkafka's own log lines (one per failed connection attempt...) go here; the CLI keeps them
@@ -179,7 +180,10 @@ class ConfluentSink:
             raise SinkError(
                 f"no Kafka broker answered at {options.bootstrap_servers} "
                 f"within {options.max_block_ms} ms"
-                + (f" (last error {why.name()}: {why.str()})" if why is not None else "")
+                + describe_failure(
+                    f"{why.name()}: {why.str()}" if why is not None else None,
+                    options.client_config,
+                )
             ) from None
         if options.transactional_id:
             self._transactional(

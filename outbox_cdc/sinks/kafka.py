@@ -25,6 +25,7 @@ from outbox_cdc.errors import (
 )
 from outbox_cdc.events import KafkaRecord
 from outbox_cdc.sinks.base import DeliveryCallback
+from outbox_cdc.sinks.security import kafka_python_failures
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +129,12 @@ class KafkaSink:
         config.setdefault("bootstrap_timeout_ms", options.max_block_ms)
         self._admin_client: KafkaAdminClient | None = None
         try:
-            self._producer = kafka.KafkaProducer(**config)
+            with kafka_python_failures() as failures:
+                self._producer = kafka.KafkaProducer(**config)
         except kerr.KafkaTimeoutError:
             raise SinkError(
                 f"no Kafka broker answered at {options.bootstrap_servers} "
-                f"within {options.max_block_ms} ms"
+                f"within {options.max_block_ms} ms" + failures.describe(options.client_config)
             ) from None
         except kerr.KafkaConfigurationError as exc:
             raise ConfigurationError(f"kafka settings: {exc}") from None
@@ -187,21 +189,22 @@ class KafkaSink:
         if self._admin_client is not None:
             return self._admin_client
         try:
-            self._admin_client = KafkaAdminClient(
-                bootstrap_servers=self.options.bootstrap_servers.split(","),
-                client_id=f"{self.options.client_id}-admin",
-                request_timeout_ms=self.options.request_timeout_ms,
-                bootstrap_timeout_ms=self.options.max_block_ms,
-                **{
-                    k: v
-                    for k, v in self._client_config.items()
-                    if k.startswith(("security_", "sasl_", "ssl_"))
-                },
-            )
+            with kafka_python_failures() as failures:
+                self._admin_client = KafkaAdminClient(
+                    bootstrap_servers=self.options.bootstrap_servers.split(","),
+                    client_id=f"{self.options.client_id}-admin",
+                    request_timeout_ms=self.options.request_timeout_ms,
+                    bootstrap_timeout_ms=self.options.max_block_ms,
+                    **{
+                        k: v
+                        for k, v in self._client_config.items()
+                        if k.startswith(("security_", "sasl_", "ssl_"))
+                    },
+                )
         except kerr.KafkaError as exc:
             raise SinkError(
                 f"Kafka admin client could not connect to {self.options.bootstrap_servers}: "
-                f"{type(exc).__name__}"
+                f"{type(exc).__name__}" + failures.describe(self._client_config)
             ) from None
         return self._admin_client
 
