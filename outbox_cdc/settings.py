@@ -188,6 +188,41 @@ class Settings(BaseSettings):
             raise ValueError(str(exc).removeprefix("database_url: ")) from None
         return v
 
+    @field_validator("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile")
+    @classmethod
+    def _readable_file(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"no such file: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _kafka_security_consistent(self) -> Settings:
+        """A SASL protocol needs its mechanism and credentials; TLS files need a TLS protocol
+        (else they would be ignored, and the connection be plaintext)."""
+        protocol = self.kafka_security_protocol
+        where = f"with kafka_security_protocol={protocol}"
+        if protocol.startswith("SASL_"):
+            for name in ("kafka_sasl_mechanism", "kafka_sasl_username", "kafka_sasl_password"):
+                if getattr(self, name) is None:
+                    flag, env = "--" + name.replace("_", "-"), ENV_PREFIX + name.upper()
+                    raise ValueError(f"{name} ({flag} / {env}): is required {where}")
+        elif self.kafka_sasl_mechanism is not None:
+            raise ValueError(
+                f"kafka_sasl_mechanism: needs kafka_security_protocol SASL_SSL or SASL_PLAINTEXT, "
+                f"not {protocol}"
+            )
+        if not protocol.endswith("SSL"):
+            for name in ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name}: needs kafka_security_protocol SSL or SASL_SSL, not {protocol}"
+                    )
+        if (self.kafka_ssl_certfile is None) != (self.kafka_ssl_keyfile is None):
+            raise ValueError(
+                "kafka_ssl_certfile and kafka_ssl_keyfile: give both (mutual TLS) or neither"
+            )
+        return self
+
     @model_validator(mode="after")
     def _mode_fits_database(self) -> Settings:
         dialect = self.dialect
@@ -272,7 +307,8 @@ class Settings(BaseSettings):
             f"{parts.path or '/'}/{self.slot}"
         )
 
-    def kafka_options(self) -> KafkaOptions:
+    def kafka_client_config(self) -> dict[str, Any]:
+        """The security settings, by their kafka-python names (contains secrets)."""
         extra: dict[str, Any] = {"security_protocol": self.kafka_security_protocol}
         if self.kafka_sasl_mechanism:
             extra["sasl_mechanism"] = self.kafka_sasl_mechanism
@@ -283,6 +319,9 @@ class Settings(BaseSettings):
             value = getattr(self, f"kafka_ssl_{name}")
             if value is not None:
                 extra[f"ssl_{name}"] = str(value)
+        return extra
+
+    def kafka_options(self) -> KafkaOptions:
         return KafkaOptions(
             bootstrap_servers=self.kafka_bootstrap_servers,
             client_id=self.kafka_client_id,
@@ -297,7 +336,7 @@ class Settings(BaseSettings):
             create_topics=self.kafka_create_topics,
             topic_partitions=self.kafka_topic_partitions,
             topic_replication_factor=self.kafka_topic_replication_factor,
-            client_config=extra,
+            client_config=self.kafka_client_config(),
             transactional_id=(self.transactional_id or self.default_transactional_id())
             if self.exactly_once
             else None,
@@ -315,6 +354,18 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         return cls(**values)  # type: ignore[no-any-return]
     except ValidationError as exc:
         raise ConfigurationError(describe_validation_error(exc)) from None
+
+
+def kafka_security_config(config_file: Path | None = None) -> dict[str, Any]:
+    """The Kafka security settings (environment, config file) by their kafka-python names, for
+    a command that needs no other setting (``check``). Raises ConfigurationError."""
+    settings = load_settings(
+        config_file,
+        database_url="sqlite:///unused",
+        kafka_bootstrap_servers="unused",
+        mode="polling",
+    )
+    return settings.kafka_client_config()
 
 
 def describe_validation_error(exc: ValidationError) -> str:
