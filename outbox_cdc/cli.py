@@ -422,7 +422,9 @@ def status(
     help="Kafka to check (skipped when not given)",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON")
+@_config
 def check(
+    config_file: Path | None,
     database_url: str | None,
     table: str | None,
     slot: str,
@@ -431,8 +433,10 @@ def check(
     as_json: bool,
 ) -> None:
     """Preflight: wal_level, wal2json, role, table, slot (polling: table, index, pending rows,
-    active relay), Kafka. Each failure with its fix."""
+    active relay), Kafka (with the OUTBOX_CDC_KAFKA_SECURITY_PROTOCOL, _SASL_* and _SSL_*
+    settings of the environment or --config). Each failure with its fix."""
     from outbox_cdc.admin import Check, preflight_kafka, preflight_polling, preflight_postgres
+    from outbox_cdc.settings import kafka_security_config
 
     checks: list[Check] = []
     if not database_url:
@@ -452,7 +456,12 @@ def check(
         else:
             checks.extend(preflight_postgres(database_url, table, slot))
     if kafka_bootstrap_servers:
-        checks.append(preflight_kafka(kafka_bootstrap_servers, {}))
+        try:
+            security = kafka_security_config(config_file)
+        except ConfigurationError as exc:
+            checks.append(Check("kafka settings", False, str(exc), "fix the settings named above"))
+        else:
+            checks.append(preflight_kafka(kafka_bootstrap_servers, security))
     failed = [c for c in checks if not c.ok]
     if as_json:
         click.echo(json.dumps([c.as_dict() for c in checks], indent=2))
