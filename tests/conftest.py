@@ -16,6 +16,8 @@ Fixture contract (keep the names):
 * ``kafka_topic``         function a unique topic name; the topic is deleted at teardown
 * ``services``            session  .stop(name) / .start(name) / .restart(name) for
                                    name in postgres|kafka|mysql (fault injection)
+* ``secure_endpoints``    session  SecureEndpoints: PostgreSQL verify-full URL, Kafka SASL_SSL
+                                   and mutual-TLS listeners, the local CA (services.sh only)
 """
 
 from __future__ import annotations
@@ -32,9 +34,12 @@ import pytest
 from tests.support.kafka import delete_topic
 from tests.support.postgres import drop_replication_slot
 from tests.support.services import (
+    SecureEndpoints,
     ServiceControl,
     ServiceResolver,
+    ServiceUnavailable,
     describe_services,
+    secure_endpoints,
     truthy,
 )
 
@@ -166,3 +171,13 @@ def services(request: pytest.FixtureRequest) -> ServiceControl:
     When unavailable (e.g. the services are testcontainers), the call skips the test, or fails
     it when services are required."""
     return ServiceControl(lambda message: _unavailable(request.config, message))
+
+
+@pytest.fixture(scope="session", name="secure_endpoints")
+def _secure_endpoints(request: pytest.FixtureRequest) -> SecureEndpoints:
+    """The TLS/SASL endpoints of ``scripts/services.sh up`` (see SecureEndpoints), checked.
+    Missing: skip, or fail when services are required."""
+    try:
+        return secure_endpoints()
+    except ServiceUnavailable as exc:
+        _unavailable(request.config, f"TLS/SASL endpoints: {exc}")

@@ -694,3 +694,103 @@ def describe_services(timeout: float = 3.0) -> list[str]:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             lines.append(f"{service.name}: {where}: NOT ANSWERING ({first})")
     return lines
+
+
+# ------------------------------------------------------------------------------------------
+# TLS and SASL endpoints (scripts/services.sh only: no container provides them)
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SecureEndpoints:
+    """What ``scripts/services.sh up`` sets up for the TLS/SASL tests (its ``.services.env``).
+
+    * ``postgres_tls_url``: role outbox_tls (TLS only, member of the test role), ``localhost``,
+      ``sslmode=verify-full&sslrootcert=<ca_file>``;
+    * ``kafka_sasl_bootstrap``: SASL_SSL listener, PLAIN and SCRAM-SHA-512 for
+      ``kafka_sasl_username``; ``kafka_mtls_bootstrap``: SSL listener requiring a client
+      certificate the CA signed (``client_cert_file``, ``client_key_file``);
+    * ``other_ca_file``: a CA that signed none of the servers' certificates.
+
+    The brokers' certificate is the servers' one, for ``localhost`` and ``127.0.0.1``.
+    """
+
+    ca_file: str
+    other_ca_file: str
+    client_cert_file: str
+    client_key_file: str
+    postgres_tls_url: str
+    kafka_sasl_bootstrap: str
+    kafka_sasl_username: str
+    kafka_sasl_password: str
+    kafka_mtls_bootstrap: str
+
+
+SECURE_ENV = {
+    "ca_file": "OUTBOX_CDC_TEST_CA_FILE",
+    "other_ca_file": "OUTBOX_CDC_TEST_OTHER_CA_FILE",
+    "client_cert_file": "OUTBOX_CDC_TEST_CLIENT_CERT_FILE",
+    "client_key_file": "OUTBOX_CDC_TEST_CLIENT_KEY_FILE",
+    "postgres_tls_url": "OUTBOX_CDC_TEST_POSTGRES_TLS_URL",
+    "kafka_sasl_bootstrap": "OUTBOX_CDC_TEST_KAFKA_SASL_BOOTSTRAP_SERVERS",
+    "kafka_sasl_username": "OUTBOX_CDC_TEST_KAFKA_SASL_USERNAME",
+    "kafka_sasl_password": "OUTBOX_CDC_TEST_KAFKA_SASL_PASSWORD",
+    "kafka_mtls_bootstrap": "OUTBOX_CDC_TEST_KAFKA_MTLS_BOOTSTRAP_SERVERS",
+}
+_SECURE_HOW = (
+    "the TLS/SASL endpoints come from scripts/services.sh only (no testcontainer provides "
+    f"them): `{HOW_TO_START_ALL}`"
+)
+
+
+def _port_answers(hostport: str, timeout: float) -> bool:
+    host, _, port = hostport.split(",")[0].rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def secure_endpoints(timeout: float = 5.0) -> SecureEndpoints:
+    """The TLS/SASL endpoints of the environment, checked: the files exist, PostgreSQL answers
+    over verify-full TLS (``pg_stat_ssl``), the Kafka listeners accept connections. Raises
+    ServiceUnavailable saying what is missing and how to get it."""
+    import psycopg
+
+    values: dict[str, str] = {}
+    missing = []
+    for attr, env_var in SECURE_ENV.items():
+        value = os.environ.get(env_var, "").strip()
+        if value:
+            values[attr] = value
+        else:
+            missing.append(env_var)
+    if missing:
+        raise ServiceUnavailable(f"{', '.join(missing)} not set: {_SECURE_HOW}")
+    found = SecureEndpoints(**values)
+    for attr in ("ca_file", "other_ca_file", "client_cert_file", "client_key_file"):
+        if not Path(values[attr]).is_file():
+            raise ServiceUnavailable(
+                f"{SECURE_ENV[attr]}={values[attr]}: no such file; {_SECURE_HOW}"
+            )
+    try:
+        with psycopg.connect(
+            found.postgres_tls_url, connect_timeout=max(1, round(timeout))
+        ) as conn:
+            row = conn.execute(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+            ).fetchone()
+    except psycopg.Error as exc:
+        raise ServiceUnavailable(
+            f"PostgreSQL over TLS ({redact(found.postgres_tls_url)}, verify-full) did not answer: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}; "
+            f"{_SECURE_HOW}"
+        ) from exc
+    if not row or row[0] is not True:
+        raise ServiceUnavailable(f"PostgreSQL answered without TLS: {_SECURE_HOW}")
+    for attr in ("kafka_sasl_bootstrap", "kafka_mtls_bootstrap"):
+        if not _port_answers(values[attr], timeout):
+            raise ServiceUnavailable(
+                f"Kafka listener {values[attr]} ({SECURE_ENV[attr]}) refuses connections; "
+                f"{_SECURE_HOW}"
+            )
+    return found
