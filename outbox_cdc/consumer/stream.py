@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -160,6 +159,30 @@ def _kafka_producer(config: dict[str, Any]) -> Any:
     return kafka.KafkaProducer(**config)
 
 
+class StopFlag:
+    """Set by stop(); safe to set from a signal handler, unlike threading.Event, whose set()
+    takes a lock that the interrupted thread may hold inside wait()."""
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to ``timeout`` seconds, waking within 50 ms of set(); True if set."""
+        deadline = time.monotonic() + timeout
+        while not self._set:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            time.sleep(min(0.05, remaining))
+        return self._set
+
+
 class _Stopped(Exception):
     """stop() was called while an event was being retried."""
 
@@ -182,7 +205,7 @@ class StreamCore:
         self.clock = clock
         self.book = OffsetBook()
         self.policy = CommitPolicy(options.commit, options.commit_interval_ms / 1000)
-        self.stopping = threading.Event()
+        self.stopping = StopFlag()
         self._consumer_factory = consumer_factory or _kafka_consumer
         self._producer_factory = producer_factory or _kafka_producer
         self._consumer: Any = None

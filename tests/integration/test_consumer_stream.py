@@ -25,7 +25,7 @@ from tests.support.kafka import consume_all, delete_topic
 
 pytestmark = pytest.mark.kafka
 
-FAST = {"poll_timeout_ms": 200, "session_timeout_ms": 10_000}
+FAST: dict[str, Any] = {"poll_timeout_ms": 200, "session_timeout_ms": 10_000}
 
 
 def _records(topic: str, n: int, **kw: Any) -> list[KafkaRecord]:
