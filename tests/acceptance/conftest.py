@@ -99,16 +99,23 @@ def relays(
     replication_slot: str,
     topic: str,
 ) -> Iterator[Callable[..., RelayProcess]]:
-    """``relays(name="relay", **settings)``: a relay process (not started) for this test's
-    table and slot; ``settings`` become ``OUTBOX_CDC_<NAME>`` variables. Killed at teardown,
-    before the slot, topic and table go."""
+    """``relays(name="relay", database_url=None, bootstrap=None, **settings)``: a relay process
+    (not started) for this test's table and slot; ``settings`` become ``OUTBOX_CDC_<NAME>``
+    variables; ``database_url`` and ``bootstrap`` replace the services' (e.g. by a proxy's).
+    Killed at teardown, before the slot, topic and table go."""
     made: list[RelayProcess] = []
     request.node.stash[_RELAYS] = made
 
-    def make(name: str = "relay", **settings: object) -> RelayProcess:
+    def make(
+        name: str = "relay",
+        *,
+        database_url: str | None = None,
+        bootstrap: str | None = None,
+        **settings: object,
+    ) -> RelayProcess:
         env = relay_env(
-            database_url=postgres_url,
-            bootstrap=kafka_bootstrap,
+            database_url=database_url or postgres_url,
+            bootstrap=bootstrap or kafka_bootstrap,
             table=outbox_table,
             slot=replication_slot,
             kafka_client=kafka_client,

@@ -819,6 +819,73 @@ def read_topic(
     return [rec for p in sorted(by_partition) for rec in by_partition[p]]
 
 
+class Arrivals:
+    """Tails ``topic`` from the beginning in a thread and records when each event id (ce_id)
+    first arrived (``time.time()``): recovery times after a fault."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.bootstrap, self.topic = bootstrap, topic
+        self.first_seen: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="arrivals", daemon=True)
+        self._ready = threading.Event()
+
+    def start(self) -> Arrivals:
+        self._thread.start()
+        assert self._ready.wait(30), "the arrivals consumer did not start"
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        # a broker restart may break the consumer: start over from the beginning (ids seen
+        # before keep their first time)
+        while not self._stop.is_set():
+            try:
+                self._tail()
+            except Exception:
+                time.sleep(0.5)
+
+    def _tail(self) -> None:
+        consumer = KafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            client_id="outbox-cdc-acceptance-arrivals",
+            fetch_max_wait_ms=50,
+        )
+        try:
+            while not consumer.partitions_for_topic(self.topic):
+                time.sleep(0.2)
+                consumer.topics()
+            tps = [TopicPartition(self.topic, p) for p in consumer.partitions_for_topic(self.topic)]
+            consumer.assign(tps)
+            consumer.seek_to_beginning(*tps)
+            self._ready.set()
+            while not self._stop.is_set():
+                for recs in consumer.poll(timeout_ms=100).values():
+                    now = time.time()
+                    for rec in recs:
+                        event_id = header(rec, "ce_id")
+                        if event_id is not None:
+                            self.first_seen.setdefault(event_id, now)
+        finally:
+            consumer.close()
+
+    def recovered_after(self, since: float, written: Iterable[Written]) -> float | None:
+        """Seconds from ``since`` (``time.time()``) until every event of ``written`` had
+        arrived; None if one never did."""
+        last = since
+        for w in written:
+            seen = self.first_seen.get(w.id)
+            if seen is None:
+                return None
+            last = max(last, seen)
+        return last - since
+
+
 def count_records(bootstrap: str, topic: str) -> int:
     """Records on the topic: sum of end offsets minus beginning offsets."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, client_id="outbox-cdc-acceptance")
