@@ -67,6 +67,8 @@ class KafkaProbe:
                         bootstrap_servers=self.bootstrap,
                         client_id="outbox-cdc-health",
                         request_timeout_ms=self.timeout_ms,
+                        # kafka-python's default is 30 s: a probe must not outlast its timeout
+                        bootstrap_timeout_ms=self.timeout_ms,
                         **self.client_config,
                     )
                 self._admin.describe_cluster()
