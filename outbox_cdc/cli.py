@@ -557,11 +557,18 @@ def recover(
             f"slot {result.slot}: {result.slot_state}; would recreate it and re-publish "
             f"{result.rows} events ({start})"
         )
-        return
-    click.echo(
-        f"slot {result.slot}: was {result.slot_state}, recreated at {result.new_slot_lsn}; "
-        f"re-published {result.published} events ({start}). Start the relay now."
-    )
+    else:
+        click.echo(
+            f"slot {result.slot}: was {result.slot_state}, recreated at {result.new_slot_lsn}; "
+            f"re-published {result.published} events ({start}). Start the relay now."
+        )
+    if settings.message_prefix:
+        # They only ever existed in the WAL the lost slot no longer has.
+        click.echo(
+            f"note: table-less events (Outbox(mode='message'), prefix "
+            f"{settings.message_prefix!r}) are not rows; those committed while the slot was "
+            "lost cannot be re-published"
+        )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from tests.acceptance.harness import (
     RelayProcess,
     header,
     relay_env,
+    wait_until,
 )
 from tests.integration.test_relay import cli
 from tests.support.kafka import consume_all
@@ -55,13 +56,25 @@ def invalidate(admin_url: str, slot: str) -> float:
     raise AssertionError(f"slot {slot} was not invalidated")
 
 
+def rows_in(url: str, table: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+        return int(row[0]) if row else -1
+
+
 def restore(admin_url: str) -> None:
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
         conn.execute("SELECT pg_reload_conf()")
 
 
+@pytest.mark.parametrize(
+    "retention",
+    [None, 0],
+    ids=["rows-retained", "delivered-rows-deleted"],
+)
 def test_invalidated_slot_is_reported_and_recover_loses_nothing(
+    retention: int | None,
     tmp_path: Path,
     postgres_url: str,
     postgres_admin_url: str,
@@ -76,6 +89,7 @@ def test_invalidated_slot_is_reported_and_recover_loses_nothing(
         table=outbox_table,
         slot=replication_slot,
         kafka_topic_partitions=1,
+        **({} if retention is None else {"retention": retention}),
     )
     relay = RelayProcess(env, tmp_path / "logs")
     try:
@@ -83,6 +97,12 @@ def test_invalidated_slot_is_reported_and_recover_loses_nothing(
         delivered = publish(postgres_url, outbox_table, kafka_topic, 100)
         assert len(consume_all(kafka_bootstrap, kafka_topic, 100, timeout=60)) == 100
         time.sleep(1.5)  # the relay records its delivered position at most once a second
+        if retention == 0:  # the clean-up (every 10 s) deletes the delivered rows
+            wait_until(
+                lambda: rows_in(postgres_url, outbox_table) == 0,
+                timeout=30,
+                what="the delivered rows to be deleted",
+            )
         assert relay.stop() == 0
         # committed while the relay is down: only the WAL (soon gone) and the rows have them
         missed = publish(postgres_url, outbox_table, kafka_topic, 200)
@@ -106,8 +126,11 @@ def test_invalidated_slot_is_reported_and_recover_loses_nothing(
         done = cli("recover", env=env)
         assert done.returncode == 0, done.stdout + done.stderr
         assert "re-published" in done.stdout
+        assert "table-less events" in done.stdout  # they cannot be recovered: said so
         republished = int(done.stdout.split("re-published ", 1)[1].split(" ", 1)[0])
         assert republished >= len(missed)
+        if retention == 0:  # only the rows of events never delivered were left
+            assert republished == len(missed), done.stdout
         again = cli("recover", env=env)
         assert again.returncode == 2 and "healthy" in again.stderr  # nothing left to recover
 
@@ -120,7 +143,8 @@ def test_invalidated_slot_is_reported_and_recover_loses_nothing(
         seen = [header(r, "ce_id") for r in records]
         lost = expected - set(seen)
         print(
-            f"[recovery] invalidated in {took:.1f} s; re-published {republished} "
+            f"[recovery] retention {retention}: invalidated in {took:.1f} s; "
+            f"re-published {republished} "
             f"(missed {len(missed)}); records {len(seen)} for {len(expected)} events; "
             f"lost {len(lost)}; duplicates {len(seen) - len(set(seen))}"
         )
