@@ -52,18 +52,19 @@ _SASL_HINT = (
 def security_hint(why: str, protocol: str | None = None) -> str:
     """The settings to check for a connection failure described by ``why`` ('' if none fits);
     ``protocol``: the kafka_security_protocol in use."""
+    # librdkafka names the broker sasl_ssl://host:port in every message: match causes only
     low = why.lower()
-    if "authenticat" in low or "sasl" in low:
-        return _SASL_HINT
-    if "disconnected" in low and (protocol or "").startswith("SASL_"):
-        # kafka-python with PLAIN: the broker just closes the connection on a wrong password
-        return f"the broker closed the connection during {protocol} authentication: {_SASL_HINT}"
-    if "certificate" in low or "ssl" in low or "handshake" in low:
+    if "certificate" in low or "handshake" in low:
         return (
             "check kafka_ssl_cafile (OUTBOX_CDC_KAFKA_SSL_CAFILE): it must hold the CA that "
             "signed the brokers' certificates, whose names must match the advertised host names; "
             "and kafka_security_protocol"
         )
+    if "authenticat" in low:
+        return _SASL_HINT
+    if "disconnected" in low and (protocol or "").startswith("SASL_"):
+        # kafka-python with PLAIN: the broker just closes the connection on a wrong password
+        return f"the broker closed the connection during {protocol} authentication: {_SASL_HINT}"
     return ""
 
 
