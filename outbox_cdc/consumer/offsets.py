@@ -66,6 +66,10 @@ class OffsetBook:
         self._committed.update(offsets)
         self._history.update(offsets)
 
+    def record_history(self, offsets: dict[Partition, int]) -> None:
+        """A commit of partitions no longer ours was acknowledged (for committed_offsets())."""
+        self._history.update(offsets)
+
     def forget(self, partitions: Iterable[Partition]) -> None:
         """The partitions were revoked (or lost): what was not committed will be redelivered to
         their next owner, which the inbox makes harmless."""

@@ -479,10 +479,27 @@ class StreamCore:
         return True
 
     def revoked(self, partitions: Sequence[Partition]) -> None:
-        """Before the group takes partitions away: commit what was processed, forget them and
-        what was buffered for them (their next owner reads it from the committed offset)."""
-        self.commit()
+        """Before the group takes partitions away: commit what was processed of them, forget
+        them and what was buffered for them (their next owner reads from the committed offset).
+
+        kafka-python 3 calls this on its IO thread while our thread waits in poll(), where a
+        blocking commit() is refused; so the commit is sent with commit_async(), before this
+        member rejoins the group, as kafka-python's own pre-rebalance auto-commit is. If it
+        fails, the next owner gets those events again: the inbox skips them."""
+        from kafka.structs import OffsetAndMetadata, TopicPartition
+
         gone = set(partitions)
+        offsets = {p: off for p, off in self.book.to_commit().items() if p in gone}
+        if offsets and self._consumer is not None:
+            request = {
+                TopicPartition(t, p): OffsetAndMetadata(off, "", -1)
+                for (t, p), off in offsets.items()
+            }
+            try:
+                self._consumer.commit_async(request, callback=self._revoked_commit_done)
+            except Exception as exc:  # the commit is an optimization: never fail the rebalance
+                self.observer.commit_failed()
+                log.warning("offset commit before the rebalance failed: %s", exc)
         self.book.forget(gone)
         if self._buffer:
             self._buffer = collections.deque(
@@ -490,6 +507,22 @@ class StreamCore:
                 for item in self._buffer
                 if (_record_of(item).topic, _record_of(item).partition) not in gone
             )
+
+    def _revoked_commit_done(self, offsets: Any, response: Any) -> None:
+        # kafka-python runs commit callbacks on the consumer's thread (in poll or commit)
+        if isinstance(response, BaseException):
+            self.observer.commit_failed()
+            log.warning(
+                "offset commit before the rebalance failed (%s: %s); the next owner of the "
+                "partitions gets the events processed since the last commit again",
+                type(response).__name__,
+                response,
+            )
+            return
+        self.book.record_history(
+            {(tp.topic, tp.partition): om.offset for tp, om in offsets.items()}
+        )
+        self.observer.committed(len(offsets))
 
 
 def _record_of(item: ConsumedEvent | EventParseError) -> RawRecord:

@@ -71,23 +71,31 @@ class FakeConsumer:
         self.listener: Any = None
         self.closed = False
         self.rebalance_next_poll: list[TopicPartition] | None = None
+        self.pending_callbacks: list[tuple[Any, Any, Exception | None]] = []
+        self.unassigned: set[int] = set()
 
     def subscribe(self, topics: list[str], listener: Any) -> None:
         assert topics == [TOPIC]
         self.listener = listener
 
     def assignment(self) -> set[TopicPartition]:
-        return {TopicPartition(TOPIC, p) for p in self.broker.partitions}
+        return {
+            TopicPartition(TOPIC, p) for p in self.broker.partitions if p not in self.unassigned
+        }
 
     def poll(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Any]]:
+        self.run_callbacks()
         if self.rebalance_next_poll is not None:
             revoked, self.rebalance_next_poll = self.rebalance_next_poll, None
             self.listener.on_partitions_revoked(revoked)
-            for tp in revoked:
+            for tp in revoked:  # another member owns them now
                 self.positions.pop(tp, None)
+                self.unassigned.add(tp.partition)
         out: dict[TopicPartition, list[Any]] = {}
         room = max_records
         for p, records in sorted(self.broker.partitions.items()):
+            if p in self.unassigned:
+                continue
             tp = TopicPartition(TOPIC, p)
             pos = self.positions.get(tp, self.broker.committed.get(tp, 0))
             batch = records[pos : pos + room]
@@ -108,12 +116,30 @@ class FakeConsumer:
                 room -= len(batch)
         return out
 
+    def run_callbacks(self) -> None:
+        """Commit callbacks run on the consumer's thread, in poll() and commit()."""
+        while self.pending_callbacks:
+            callback, offsets, exc = self.pending_callbacks.pop(0)
+            callback(offsets, exc)
+
     def commit(self, offsets: dict[TopicPartition, Any], timeout_ms: int) -> None:
+        self.run_callbacks()
         if self.broker.fail_commits:
             raise self.broker.fail_commits.pop(0)
         plain = {tp: om.offset for tp, om in offsets.items()}
         self.broker.commits.append(plain)
         self.broker.committed.update(plain)
+
+    def commit_async(self, offsets: dict[TopicPartition, Any], callback: Any) -> None:
+        """kafka-python 3 refuses a blocking commit() inside a rebalance listener."""
+        error: Exception | None = None
+        if self.broker.fail_commits:
+            error = self.broker.fail_commits.pop(0)
+        else:
+            plain = {tp: om.offset for tp, om in offsets.items()}
+            self.broker.commits.append(plain)
+            self.broker.committed.update(plain)
+        self.pending_callbacks.append((callback, offsets, error))
 
     def close(self, autocommit: bool) -> None:
         assert autocommit is False
@@ -259,8 +285,27 @@ def test_revoked_partitions_are_committed_and_forgotten() -> None:
         broker.consumer.rebalance_next_poll = [TopicPartition(TOPIC, 1)]
         assert list(it) == []
     assert [e.partition for e in events] == [0, 0, 1, 1]
-    # the revocation committed everything processed, before the partition went away
-    assert broker.commits[0] == {TopicPartition(TOPIC, 0): 2, TopicPartition(TOPIC, 1): 2}
+    # the revocation committed what was processed of the revoked partition, before it went
+    # away; the rest at close
+    assert broker.commits == [{TopicPartition(TOPIC, 1): 2}, {TopicPartition(TOPIC, 0): 2}]
+    assert s.committed_offsets == {(TOPIC, 0): 2, (TOPIC, 1): 2}
+
+
+def test_a_failed_commit_before_a_rebalance_is_counted_not_fatal() -> None:
+    broker = Broker()
+    broker.publish(2, partition=0)
+    broker.publish(2, partition=1, start=2)
+    broker.fail_commits = [CommitFailedError("generation")]
+    metrics = ConsumerMetrics()
+    with stream(broker, commit="auto", commit_interval_ms=600_000, observer=metrics) as s:
+        it = iter(s)
+        for _ in range(4):
+            next(it)
+        assert broker.consumer is not None
+        broker.consumer.rebalance_next_poll = [TopicPartition(TOPIC, 1)]
+        assert list(it) == []
+    assert metrics.registry.get_sample_value("outbox_cdc_consumer_offset_commit_errors_total") == 1
+    assert broker.commits == [{TopicPartition(TOPIC, 0): 2}]  # partition 1: its next owner redoes
 
 
 # -- run(): retries, dead letters ---------------------------------------------------------------
