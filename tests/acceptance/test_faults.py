@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -29,12 +30,14 @@ from tests.acceptance.harness import (
     LoadResult,
     RelayProcess,
     check,
+    ensure_topic,
     read_topic,
     report,
     slot_row,
     wait_until,
 )
 from tests.conftest import _unavailable
+from tests.support.disk_broker import DiskBroker, kafka_lib
 from tests.support.faultproxy import FaultProxy
 from tests.support.services import ServiceControl
 
@@ -144,7 +147,7 @@ def start_scenario(
     table: str,
     topic: str,
     pg_proxy: FaultProxy,
-    kafka_proxy: FaultProxy,
+    kafka_proxy: FaultProxy | None,
     *,
     seconds: float,
     url_params: dict[str, str] | None = None,
@@ -154,7 +157,7 @@ def start_scenario(
     sources = ["fault-run1"]
     relay = relays(
         database_url=proxied_url(postgres_url, pg_proxy, **(url_params or {})),
-        bootstrap=kafka_proxy.address,
+        bootstrap=kafka_proxy.address if kafka_proxy is not None else kafka_bootstrap,
         max_in_flight_events=IN_FLIGHT_BOUND,
         **settings,
     )
@@ -475,3 +478,59 @@ def test_an_idle_relay_notices_a_silent_database_connection_and_reconnects(
     )
     assert detected_s < 10, detected_s
     res.assert_complete(exactly_once=True)
+
+
+@pytest.fixture
+def disk_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DiskBroker]:
+    if os.geteuid() != 0 or not kafka_lib().is_dir():
+        _unavailable(
+            request.config,
+            "the disk-full test needs root (mount -t tmpfs) and the Kafka jars of "
+            f"scripts/services.sh in {kafka_lib()}",
+        )
+    broker = DiskBroker(tmp_path / "disk-broker", data_mb=64)
+    try:
+        broker.setup().start()
+        yield broker
+    finally:
+        broker.close()
+
+
+def test_broker_disk_full_with_a_kill_loses_nothing(
+    relays: Relays,
+    postgres_url: str,
+    outbox_table: str,
+    topic: str,
+    pg_proxy: FaultProxy,
+    disk_broker: DiskBroker,
+) -> None:
+    """A broker of its own whose data directory is a 64 MB tmpfs, filled up under load: appends
+    fail (KAFKA_STORAGE_ERROR, the log directory goes offline and the broker stops). Nothing is
+    acknowledged, so nothing is confirmed; the relay is killed and restarted meanwhile. Space is
+    freed and the broker restarted: every committed event arrives."""
+    bootstrap = disk_broker.bootstrap
+    ensure_topic(bootstrap, topic, partitions=4)
+    s = start_scenario(
+        relays,
+        postgres_url,
+        bootstrap,
+        outbox_table,
+        topic,
+        pg_proxy,
+        kafka_proxy=None,
+        seconds=40,
+    )
+    filled = disk_broker.fill()
+    hold(15, s, kill_at=8)
+    broker_stopped_by_itself = not disk_broker.running
+    disk_broker.free()
+    disk_broker.stop()
+    disk_broker.start()
+    s.healed()
+    s.finish(
+        "broker disk full + kill",
+        bootstrap,
+        filled_mb=round(filled / 2**20, 1),
+        broker_stopped_by_itself=broker_stopped_by_itself,
+    )
+    assert "No space left on device" in disk_broker.log_tail(10_000)
