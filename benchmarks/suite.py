@@ -165,8 +165,8 @@ FULL = Profile(
 # -- what else the machine did -------------------------------------------------------------------
 
 
-def proc_snapshot() -> dict[int, tuple[str, int, float]]:
-    """pid -> (command name, parent pid, CPU seconds) of every process, from /proc."""
+def proc_snapshot() -> dict[int, tuple[str, int, float, str]]:
+    """pid -> (command name, parent pid, CPU seconds, start time) of every process."""
     out = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
@@ -177,7 +177,7 @@ def proc_snapshot() -> dict[int, tuple[str, int, float]]:
             continue
         comm = stat[stat.index("(") + 1 : stat.rindex(")")]
         f = stat[stat.rindex(")") + 2 :].split()
-        out[int(d)] = (comm, int(f[1]), (int(f[11]) + int(f[12])) / rb.CLK_TCK)
+        out[int(d)] = (comm, int(f[1]), (int(f[11]) + int(f[12])) / rb.CLK_TCK, f[19])
     return out
 
 
@@ -210,7 +210,7 @@ class Monitor:
         procs1 = proc_snapshot()
         me = os.getpid()
         children: dict[int, list[int]] = {}
-        for pid, (_, ppid, _) in procs1.items():
+        for pid, (_, ppid, _, _) in procs1.items():
             children.setdefault(ppid, []).append(pid)
         ours, stack = set(), [me]
         while stack:
@@ -219,9 +219,10 @@ class Monitor:
             stack.extend(children.get(p, []))
         groups = {"benchmark_and_relay": 0.0, "services": 0.0, "others": 0.0}
         others: list[tuple[float, str, int]] = []
-        for pid, (comm, _, cpu) in procs1.items():
+        for pid, (comm, _, cpu, started) in procs1.items():
             before = self.procs0.get(pid)
-            used = cpu - (before[2] if before and before[0] == comm else 0.0)
+            # same process (not a reused pid): only what it used since; a new one: all of it
+            used = cpu - (before[2] if before and before[3] == started else 0.0)
             if used <= 0:
                 continue
             if pid in ours:
@@ -1445,12 +1446,12 @@ def analyse(r: dict[str, Any]) -> None:
         target(
             "p99 commit-to-Kafka at 1,000 events/s",
             f"<= {TARGETS['p99_ms_at_1000']:g} ms",
-            f"commit -> consume p99: kafka-python {p99['kafka-python']} ms, confluent "
-            f"{p99['confluent']} ms",
+            f"commit -> consume p99 (an upper bound of commit -> Kafka): kafka-python (the "
+            f"default client) {p99['kafka-python']} ms, confluent {p99['confluent']} ms",
             p99["kafka-python"],
             None
             if p99["kafka-python"] is None
-            else max(v for v in p99.values() if v is not None) <= TARGETS["p99_ms_at_1000"],
+            else p99["kafka-python"] <= TARGETS["p99_ms_at_1000"],
         ),
         target(
             "backlog drain over wal2json's decode rate, faster backend",
@@ -1530,6 +1531,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plots", type=Path, default=Path("docs/benchmarks"),
                    help="--full: directory of the PNG plots (needs the 'bench' extra)")  # fmt: skip
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a field of the profile (see Profile in this file), e.g. backlog=200000 "
+        "or insert_clients=1,4,8; the result records the profile used",
+    )
     p.add_argument("--partitions", type=int, default=1, help="partitions of the topics")
     p.add_argument("--drain-timeout", type=float, default=600)
     p.add_argument("--log", type=Path, default=RESULTS / "suite.log", help="relay output")
@@ -1548,6 +1557,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     prof = FULL if a.full else QUICK
+    for item in a.set:
+        key, _, value = item.partition("=")
+        current = getattr(prof, key, None)
+        if current is None:
+            raise SystemExit(f"--set {item}: no profile field {key!r}")
+        if isinstance(current, tuple):
+            new: Any = tuple(int(x) for x in value.split(","))
+        else:
+            new = type(current)(value)
+        prof = dataclasses.replace(prof, **{key: new})
     a.output.parent.mkdir(parents=True, exist_ok=True)
     a.log.parent.mkdir(parents=True, exist_ok=True)
     suite = Suite(a, prof)
@@ -1569,6 +1588,7 @@ def main(argv: list[str] | None = None) -> int:
             "on this host",
         },
         profile=dataclasses.asdict(prof),
+        profile_overrides=a.set,
         parameters={"partitions": a.partitions, "payload_bytes": PAYLOAD_BYTES, "keys": KEYS},
         targets_goals=TARGETS,
     )
