@@ -750,10 +750,10 @@ def _port_answers(hostport: str, timeout: float) -> bool:
         return False
 
 
-def secure_endpoints(timeout: float = 5.0) -> SecureEndpoints:
+def secure_endpoints(timeout: float = 5.0, wait: float = 60.0) -> SecureEndpoints:
     """The TLS/SASL endpoints of the environment, checked: the files exist, PostgreSQL answers
-    over verify-full TLS (``pg_stat_ssl``), the Kafka listeners accept connections. Raises
-    ServiceUnavailable saying what is missing and how to get it."""
+    over verify-full TLS (``pg_stat_ssl``), the Kafka listeners accept connections (within
+    ``wait`` seconds). Raises ServiceUnavailable saying what is missing and how to get it."""
     import psycopg
 
     values: dict[str, str] = {}
@@ -788,6 +788,10 @@ def secure_endpoints(timeout: float = 5.0) -> SecureEndpoints:
     if not row or row[0] is not True:
         raise ServiceUnavailable(f"PostgreSQL answered without TLS: {_SECURE_HOW}")
     for attr in ("kafka_sasl_bootstrap", "kafka_mtls_bootstrap"):
+        # a fault-injection test may be restarting the broker: give it time to come back
+        deadline = time.monotonic() + wait
+        while not _port_answers(values[attr], timeout) and time.monotonic() < deadline:
+            time.sleep(0.5)
         if not _port_answers(values[attr], timeout):
             raise ServiceUnavailable(
                 f"Kafka listener {values[attr]} ({SECURE_ENV[attr]}) refuses connections; "
