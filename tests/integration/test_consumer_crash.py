@@ -1,14 +1,13 @@
 """Crash tests of the consumer: a real consumer process, killed between its database commit and
 its offset commit, restarted; the same events published twice. The handler's side effects
 (rows in a table without a unique constraint) must happen exactly once per event, and each
-commit mode must redeliver exactly what it promises (docs/consumer.md, "What a crash
-redelivers").
+commit mode must redeliver exactly what it promises (docs/consumer.md, "Commit modes").
 
 Scenario: 12 events, published twice (offsets 0-11, then the same records again at 12-23, same
 ``ce_id``), one partition, ``max_poll_records=4`` (batches 0-3, 4-7, ...). Run 1 handles the
-events and dies with ``os._exit(137)`` right after committing the database transaction of
-offset 6, before any offset commit that would follow it. Run 2 (same static group member)
-continues until offset 23 and stops cleanly.
+events and dies right after committing the database transaction of offset 6, before any
+offset commit that would follow it: ``os._exit(137)`` there, or it waits there for the test's
+SIGKILL. Run 2 (the same static group member) continues until offset 23 and stops cleanly.
 
 This file is also the consumer process: ``python tests/integration/test_consumer_crash.py ...``.
 """
@@ -18,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -98,6 +98,7 @@ def consumer_main(argv: list[str]) -> int:
         p.add_argument(f"--{name}", required=True)
     p.add_argument("--log", required=True)
     p.add_argument("--crash-at", type=int, default=-1)
+    p.add_argument("--hang-at", type=int, default=-1, help="wait there for the test's SIGKILL")
     p.add_argument("--stop-after", type=int, default=-1)
     p.add_argument("--no-inbox", action="store_true", help="the control: no deduplication")
     args = p.parse_args(argv)
@@ -130,6 +131,9 @@ def consumer_main(argv: list[str]) -> int:
         _transaction(args.dialect, conn, body)
         if event.offset == args.crash_at:
             os._exit(137)  # after the database commit, before the offset commit
+        if event.offset == args.hang_at:
+            log.write(json.dumps({"committed": event.offset}) + "\n")
+            time.sleep(3600)  # the test sends SIGKILL now
         if event.offset == args.stop_after:
             stream.stop()
 
@@ -287,24 +291,65 @@ def _run(db: _Database, args: list[str], log: Path) -> subprocess.CompletedProce
 
 
 def _offsets(log: Path) -> list[int]:
-    return [json.loads(line)["offset"] for line in log.read_text().splitlines()]
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    return [line["offset"] for line in lines if "offset" in line]
+
+
+def _run_and_kill(db: _Database, args: list[str], log: Path) -> int:
+    """Start the consumer with --hang-at, wait until it committed that event's transaction,
+    SIGKILL it; its return code."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__)),
+            *args,
+            "--hang-at",
+            str(CRASH_AT),
+            "--dialect",
+            db.dialect,
+            "--db",
+            db.url,
+            "--table",
+            db.table,
+            "--log",
+            str(log),
+        ],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while f'{{"committed": {CRASH_AT}}}' not in (log.read_text() if log.exists() else ""):
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the consumer never reached the crash point"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        return proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.kafka
 @pytest.mark.parametrize(
-    ("database", "mode"),
+    ("database", "mode", "kill"),
     [
-        ("postgresql", "message"),
-        ("postgresql", "batch"),
-        ("postgresql", "auto"),
-        ("mysql", "batch"),
-        ("sqlite", "message"),
+        ("postgresql", "message", "exit"),
+        ("postgresql", "batch", "exit"),
+        ("postgresql", "auto", "exit"),
+        ("mysql", "batch", "sigkill"),
+        ("sqlite", "message", "sigkill"),
     ],
     indirect=["database"],
 )
 def test_crash_between_database_commit_and_offset_commit(
     database: _Database,
     mode: str,
+    kill: str,
     kafka_bootstrap: str,
     kafka_topic: str,
     unique_name: Callable[[str], str],
@@ -317,8 +362,11 @@ def test_crash_between_database_commit_and_offset_commit(
     started = time.monotonic()
 
     log1 = tmp_path / "run1.jsonl"
-    run1 = _run(database, [*common, "--crash-at", str(CRASH_AT)], log1)
-    assert run1.returncode == 137, run1.stderr[-3000:]
+    if kill == "exit":  # the process ends itself right after the database commit
+        run1 = _run(database, [*common, "--crash-at", str(CRASH_AT)], log1)
+        assert run1.returncode == 137, run1.stderr[-3000:]
+    else:  # the test kills it with SIGKILL while it waits right after the database commit
+        assert _run_and_kill(database, common, log1) == -signal.SIGKILL
     assert _offsets(log1) == list(range(CRASH_AT + 1))
     committed = _committed(kafka_bootstrap, group, kafka_topic)
     assert committed == EXPECTED_RESTART[mode], f"{mode}: committed {committed} at the crash"
@@ -343,8 +391,8 @@ def test_crash_between_database_commit_and_offset_commit(
     deliveries = len(_offsets(log1)) + len(_offsets(log2))
     assert deliveries == 2 * EVENTS + redelivered
     print(
-        f"{database.dialect}/{mode}: {deliveries} deliveries ({EVENTS} duplicates published, "
-        f"{redelivered} redelivered after the crash), {len(effects)} side effects, "
+        f"{database.dialect}/{mode}/{kill}: {deliveries} deliveries ({EVENTS} duplicates "
+        f"published, {redelivered} redelivered after the crash), {len(effects)} side effects, "
         f"{time.monotonic() - started:.1f}s"
     )
 
