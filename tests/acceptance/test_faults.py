@@ -262,7 +262,7 @@ def test_postgres_blackhole_60s_longer_than_wal_sender_timeout_with_a_kill_loses
     s.finish("postgres blackhole 60s + kill", kafka_bootstrap)
 
 
-def test_kafka_500ms_latency_with_a_kill_keeps_up_and_loses_nothing(
+def test_slow_kafka_link_latency_then_bandwidth_with_a_kill_loses_nothing(
     relays: Relays,
     postgres_url: str,
     kafka_bootstrap: str,
@@ -271,8 +271,9 @@ def test_kafka_500ms_latency_with_a_kill_keeps_up_and_loses_nothing(
     pg_proxy: FaultProxy,
     kafka_proxy: FaultProxy,
 ) -> None:
-    """500 ms added to every chunk towards the broker for 40 s (a slow or distant broker); the
-    relay keeps up (in-flight requests overlap) and is killed 20 s in."""
+    """A slow or distant broker: 500 ms added to every chunk towards it for 25 s (the relay is
+    killed 12 s in), then 25 s of a 24 KB/s link, below the load's ~35 KB/s (so a backlog
+    builds up and in-flight limits apply), with closes propagated 2 s late."""
     s = start_scenario(
         relays,
         postgres_url,
@@ -281,18 +282,30 @@ def test_kafka_500ms_latency_with_a_kill_keeps_up_and_loses_nothing(
         topic,
         pg_proxy,
         kafka_proxy,
-        seconds=50,
+        seconds=60,
     )
     kafka_proxy.set_latency(0.5, "upstream")
-    written = s.load.written
-    hold(40, s, kill_at=20)
+    hold(25, s, kill_at=12)
+    kafka_proxy.heal()
+    arrived = len(s.arrivals.first_seen)
+    bytes_before = kafka_proxy.stats.bytes_upstream
+    kafka_proxy.set_bandwidth(24 * 1024)
+    kafka_proxy.set_slow_close(2.0)
+    t_limited = time.monotonic()
+    hold(25, s)
+    limited_rate = (kafka_proxy.stats.bytes_upstream - bytes_before) / (
+        time.monotonic() - t_limited
+    )
+    arrived_while_limited = len(s.arrivals.first_seen) - arrived
     kafka_proxy.heal()
     s.healed()
     s.finish(
-        "kafka latency 500ms + kill",
+        "kafka latency 500ms + kill, then 24 KB/s",
         kafka_bootstrap,
-        written_during=s.load.written - written,
+        upstream_bytes_per_s_while_limited=int(limited_rate),
+        arrived_while_limited=arrived_while_limited,
     )
+    assert limited_rate <= 26 * 1024, limited_rate
 
 
 def test_connection_resets_every_3s_for_a_minute_with_a_kill_lose_nothing(
