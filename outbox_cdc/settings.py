@@ -203,7 +203,8 @@ class Settings(BaseSettings):
         where = f"with kafka_security_protocol={protocol}"
         if protocol.startswith("SASL_"):
             for name in ("kafka_sasl_mechanism", "kafka_sasl_username", "kafka_sasl_password"):
-                if getattr(self, name) is None:
+                value = getattr(self, name)
+                if not (value.get_secret_value() if isinstance(value, SecretStr) else value):
                     flag, env = "--" + name.replace("_", "-"), ENV_PREFIX + name.upper()
                     raise ValueError(f"{name} ({flag} / {env}): is required {where}")
         elif self.kafka_sasl_mechanism is not None:
