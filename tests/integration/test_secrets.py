@@ -14,6 +14,13 @@ to talk about their connections as much as possible:
 * ``status``, ``status --json``, ``check``, ``check --json``, ``recover --dry-run`` with the
   good URL, the wrong password and the closed port.
 
+With TLS and SASL (``secure_endpoints``, from ``scripts/services.sh``): the relay over
+``sslmode=verify-full`` with a role of distinctive password, to Kafka over SASL_SSL with a SCRAM
+user created for the test (distinctive password) and the broker's PLAIN user, both clients
+(exactly once on kafka-python), and failing relays (wrong SASL passwords, an untrusted broker,
+a CA that did not sign PostgreSQL's certificate, a host name it does not name, a wrong database
+password) with their endpoints, plus the CLI (``check`` with a wrong SASL password too).
+
 Everything printed (stdout, stderr) and served is searched for each secret, raw and in its
 URL-encoded forms (the passwords hold characters that URLs encode). The database servers are
 shared: they are never stopped here.
@@ -44,7 +51,7 @@ from psycopg import sql
 from outbox_cdc import Outbox
 from tests.acceptance.harness import MariaDatabase, RelayProcess, read_topic, relay_env
 from tests.support.postgres import drop_replication_slot
-from tests.support.services import truthy
+from tests.support.services import SecureEndpoints, truthy
 
 CLOSED_PORT = 1  # nothing listens on port 1 of 127.0.0.1: connection refused
 
@@ -502,4 +509,213 @@ def test_mariadb_polling_relay_and_cli_print_and_serve_no_secret(
     text = "\n".join(t for _, t in transcript.parts)
     assert "Access denied" in text, text[-3000:]
     assert "invalid settings" in text
+    assert_no_leak(transcript, secrets_)
+
+
+# -- TLS (PostgreSQL verify-full) and SASL_SSL (Kafka) -------------------------------------------
+
+
+@pytest.fixture
+def kafka_scram_user(kafka_bootstrap: str) -> Iterator[tuple[str, str]]:
+    """(user, password): a SCRAM-SHA-512 user of the test broker with a distinctive password,
+    added over the plaintext listener (no authorizer); deleted at teardown."""
+    from kafka.admin import (
+        KafkaAdminClient,
+        UserScramCredentialDeletion,
+        UserScramCredentialUpsertion,
+    )
+
+    user, pw = f"sec_{uuid.uuid4().hex[:12]}", distinctive("ScramSecret")
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap, client_id="outbox-cdc-tests")
+    try:
+        errors = admin.alter_user_scram_credentials(
+            [UserScramCredentialUpsertion(user, "SCRAM-SHA-512", pw)]
+        )
+        assert not any(errors.values()), errors
+        yield user, pw
+    finally:
+        try:
+            admin.alter_user_scram_credentials([UserScramCredentialDeletion(user, "SCRAM-SHA-512")])
+        finally:
+            admin.close()
+
+
+def scrape_when_probed(port: int, timeout: float = 15.0) -> list[tuple[str, str]]:
+    """The endpoints, once /readyz reports a Kafka probe (ok or its error)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = scrape(port)
+        if '"not probed yet"' not in out[2][1] or time.monotonic() > deadline:
+            return out
+        time.sleep(0.3)
+
+
+def test_tls_and_sasl_relays_and_cli_print_and_serve_no_secret(
+    secure_endpoints: SecureEndpoints,
+    pg_secret_role: tuple[str, str],
+    kafka_scram_user: tuple[str, str],
+    postgres_admin_url: str,
+    kafka_bootstrap: str,
+    outbox_table: str,
+    kafka_topic: str,
+    tmp_path: Path,
+) -> None:
+    """With TLS to PostgreSQL (verify-full, a role with a distinctive password) and SASL_SSL to
+    Kafka (a SCRAM user with a distinctive password, and the broker's PLAIN user): working relays
+    on both clients (exactly once on kafka-python), failing ones (wrong SASL passwords, an
+    untrusted broker, a wrong CA and a wrong host name for PostgreSQL, a wrong database
+    password), their endpoints, and the CLI print and serve no secret."""
+    ep = secure_endpoints
+    role, pg_pw = pg_secret_role
+    scram_user, scram_pw = kafka_scram_user
+    wrong_sasl = distinctive("WrongSasl")
+    wrong_pg = distinctive("WrongPg")
+    secrets_ = {
+        "database password": pg_pw,
+        "SCRAM password": scram_pw,
+        "PLAIN password": ep.kafka_sasl_password,
+        "wrong SASL password": wrong_sasl,
+        "wrong database password": wrong_pg,
+    }
+    good_url = url_with(ep.postgres_tls_url, role, pg_pw)
+    parts = urlsplit(good_url)
+    wrong_host_url = (
+        urlunsplit(parts._replace(netloc=parts.netloc.replace("@localhost:", "@wronghost:")))
+        + "&hostaddr=127.0.0.1"
+    )
+    wrong_ca_url = good_url.replace(ep.ca_file, ep.other_ca_file)
+    assert wrong_ca_url != good_url and "wronghost" in wrong_host_url
+    scram = {
+        "kafka_security_protocol": "SASL_SSL",
+        "kafka_sasl_mechanism": "SCRAM-SHA-512",
+        "kafka_sasl_username": scram_user,
+        "kafka_sasl_password": scram_pw,
+        "kafka_ssl_cafile": ep.ca_file,
+    }
+    plain = {
+        **scram,
+        "kafka_sasl_mechanism": "PLAIN",
+        "kafka_sasl_username": ep.kafka_sasl_username,
+        "kafka_sasl_password": ep.kafka_sasl_password,
+        "kafka_client": "confluent",
+    }
+    transcript = Transcript()
+    slots: list[str] = []
+
+    def env(url: str = good_url, kafka: dict[str, str] = scram, **extra: object) -> dict[str, str]:
+        slot = f"sec_tls_{uuid.uuid4().hex[:12]}"
+        slots.append(slot)
+        return relay_env(
+            database_url=url,
+            bootstrap=ep.kafka_sasl_bootstrap,
+            table=outbox_table,
+            slot=slot,
+            **{
+                **kafka,
+                "log_level": "DEBUG",
+                "kafka_max_block_ms": 3000,
+                "shutdown_timeout": 2,
+                "http_port": 0,
+                **extra,
+            },
+        )
+
+    good = {
+        "kafka-python, SCRAM, exactly once, JSON": RelayProcess(
+            env(log_format="json", exactly_once="true", progress_topic=f"{kafka_topic}_p"),
+            tmp_path,
+            "good-kp",
+        ),
+        "confluent, PLAIN": RelayProcess(env(kafka=plain), tmp_path, "good-cf"),
+    }
+    try:
+        for r in good.values():
+            r.start()
+        ports = {label: serving_port(r) for label, r in good.items()}
+        for r in good.values():
+            r.wait_for_log(r"streaming from", 30)
+        with psycopg.connect(good_url) as conn:
+            event_id = str(
+                Outbox(outbox_table, capture_trace_context=False).publish(
+                    conn, topic=kafka_topic, type="sec.tls", payload=b"x", key="k"
+                )
+            )
+            conn.commit()
+        records = read_topic(kafka_bootstrap, kafka_topic, expect_ids=[event_id], timeout=20)
+        assert records, "the event was not delivered"
+        for label, port in ports.items():
+            for path, body in scrape_when_probed(port):
+                transcript.add(f"{label}: {path}", body)
+                if path == "GET /readyz":
+                    assert '"kafka": "ok"' in body, body
+
+        failing_envs = {
+            "kafka-python, wrong SCRAM password": (
+                env(kafka={**scram, "kafka_sasl_password": wrong_sasl}, log_format="json"),
+                "kafka_sasl_password",
+            ),
+            "confluent, wrong PLAIN password": (
+                env(kafka={**plain, "kafka_sasl_password": wrong_sasl}),
+                "kafka_sasl_password",
+            ),
+            "kafka-python, untrusted broker": (
+                env(kafka={**scram, "kafka_ssl_cafile": ep.other_ca_file}),
+                "kafka_ssl_cafile",
+            ),
+            "confluent, untrusted broker": (
+                env(kafka={**plain, "kafka_ssl_cafile": ep.other_ca_file}, log_format="json"),
+                "kafka_ssl_cafile",
+            ),
+            "PostgreSQL, wrong CA": (env(wrong_ca_url), "certificate verify failed"),
+            "PostgreSQL, wrong host name": (env(wrong_host_url), "does not match host name"),
+            "PostgreSQL, wrong password": (
+                env(url_with(ep.postgres_tls_url, role, wrong_pg)),
+                "password authentication failed",
+            ),
+        }
+        failing = {
+            label: (RelayProcess(e, tmp_path, f"fail{i}"), pattern)
+            for i, (label, (e, pattern)) in enumerate(failing_envs.items())
+        }
+        check = env(create_slot="false")
+        wrong_check = env(kafka={**plain, "kafka_sasl_password": wrong_sasl})
+        bootstrap = ("--kafka-bootstrap-servers", ep.kafka_sasl_bootstrap)
+        calls: list[tuple[tuple[str, ...], dict[str, str]]] = [
+            (("status",), check),
+            (("status", "--json"), check),
+            (("check", *bootstrap), check),
+            (("check", "--json", *bootstrap), check),
+            (("check", *bootstrap), wrong_check),
+            (("recover", "--dry-run"), check),
+            (("status",), env(wrong_ca_url)),
+            (("start",), env(kafka={**scram, "kafka_sasl_mechanism": ""})),  # invalid
+            (("start",), {**env(), "OUTBOX_CDC_KAFKA_SASL_USERNAME": ""}),
+        ]
+        start_relays(failing)
+        failing_ports = {label: serving_port(r) for label, (r, _) in failing.items()}
+        run_clis(transcript, calls)
+        for label, (r, pattern) in failing.items():
+            r.wait_for_log(pattern, 30)
+            for path, body in scrape_when_probed(failing_ports[label]):
+                transcript.add(f"{label}: {path}", body)
+        finish_relays(failing, transcript)
+    finally:
+        for label, r in good.items():
+            r.stop(timeout=20)
+            transcript.add(f"relay {label}", r.all_logs())
+        for slot in slots:
+            drop_replication_slot(postgres_admin_url, slot)
+
+    text = "\n".join(t for _, t in transcript.parts)
+    for provoked in (
+        "kafka_sasl_password",
+        "kafka_ssl_cafile",
+        "certificate verify failed",
+        'does not match host name "wronghost"',
+        "password authentication failed",
+        "invalid settings",
+        "[FAIL] kafka reachable",
+        "[ok  ] kafka reachable",
+    ):
+        assert provoked in text, f"{provoked!r} not provoked:\n{text[-4000:]}"
     assert_no_leak(transcript, secrets_)
