@@ -386,3 +386,22 @@ def test_kafka_wrong_sasl_password_and_untrusted_broker_name_the_setting(
     for slot in slots:
         assert not slot_exists(postgres_admin_url, slot)
     assert read_topic(kafka_bootstrap, kafka_topic, timeout=2) == []
+
+
+def test_recover_republishes_over_tls_and_sasl(
+    secure_endpoints: SecureEndpoints,
+    kafka_bootstrap: str,
+    outbox_table: str,
+    replication_slot: str,
+    kafka_topic: str,
+) -> None:
+    """``recover --force`` reads the outbox over verify-full TLS and re-publishes over SASL_SSL."""
+    ep = secure_endpoints
+    env = env_for(ep, outbox_table, replication_slot, "SCRAM-SHA-512")
+    init = cli(["init", "--table", outbox_table, "--slot", replication_slot], env)
+    assert init.returncode == 0, init.stdout + init.stderr
+    ids = publish(ep.postgres_tls_url, outbox_table, kafka_topic, 3)
+    done = cli(["recover", "--force", "--since", "2000-01-01 00:00:00"], env)
+    assert done.returncode == 0 and "re-published 3 events" in done.stdout, done
+    records = read_topic(kafka_bootstrap, kafka_topic, expect_ids=ids, timeout=20)
+    assert sorted(dict(r.headers)["ce_id"].decode() for r in records) == sorted(ids)
