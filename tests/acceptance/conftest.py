@@ -20,8 +20,8 @@ Polling mode, each test once per backend of ``POLLING_BACKENDS`` (``mariadb``, `
 * ``polling_url``      the relay's ``OUTBOX_CDC_DATABASE_URL``;
 * ``polling_table``    a fresh outbox table of the test's own, dropped at teardown;
 * ``polling_connect``  a new producer connection (psycopg, PyMySQL or sqlite3; not autocommit);
-* ``polling_relays``   ``polling_relays(name="relay", **settings)``: like ``relays``, on that
-                       table and the ``topic``.
+* ``polling_relays``   ``polling_relays(name="relay", database_url=None, bootstrap=None,
+                       **settings)``: like ``relays``, on that table and the ``topic``.
 """
 
 from __future__ import annotations
@@ -190,8 +190,9 @@ def polling_relays(
     topic: str,
     unique_name: Callable[[str], str],
 ) -> Iterator[Callable[..., RelayProcess]]:
-    """``polling_relays(name="relay", **settings)``: a polling relay process (not started) for
-    this test's table; ``settings`` become ``OUTBOX_CDC_<NAME>`` variables. PostgreSQL gets
+    """``polling_relays(name, database_url=None, bootstrap=None, **settings)``: a polling relay
+    process (not started) for this test's table; ``settings`` become ``OUTBOX_CDC_<NAME>``
+    variables; ``database_url`` and ``bootstrap`` replace the services'. PostgreSQL gets
     ``OUTBOX_CDC_MODE=polling``; MariaDB and SQLite rely on the default mode (auto). The slot
     and message prefix (ignored when polling) are a unique name, never created. Killed at
     teardown, before the table and topic go."""
@@ -199,12 +200,18 @@ def polling_relays(
     request.node.stash[_RELAYS] = made
     slot = unique_name("unused_slot")
 
-    def make(name: str = "relay", **settings: object) -> RelayProcess:
+    def make(
+        name: str = "relay",
+        *,
+        database_url: str | None = None,
+        bootstrap: str | None = None,
+        **settings: object,
+    ) -> RelayProcess:
         if polling_db.dialect == "postgresql":
             settings.setdefault("mode", "polling")
         env = relay_env(
-            database_url=polling_db.url,
-            bootstrap=kafka_bootstrap,
+            database_url=database_url or polling_db.url,
+            bootstrap=bootstrap or kafka_bootstrap,
             table=polling_table,
             slot=slot,
             kafka_client=kafka_client,

@@ -23,9 +23,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from tests.acceptance.conftest import MARIADB
 from tests.acceptance.harness import (
     Arrivals,
     CheckResult,
+    Database,
     LoadGenerator,
     LoadResult,
     RelayProcess,
@@ -547,3 +549,58 @@ def test_broker_disk_full_with_a_kill_loses_nothing(
         broker_stopped_by_itself=broker_stopped_by_itself,
     )
     assert "No space left on device" in disk_broker.log_tail(10_000)
+
+
+@pytest.mark.mysql
+@pytest.mark.parametrize("polling_backend", [MARIADB], indirect=True)
+def test_polling_relay_through_blackholes_and_resets_with_a_kill_loses_nothing(
+    polling_relays: Relays,
+    polling_db: Database,
+    kafka_bootstrap: str,
+    polling_table: str,
+    topic: str,
+    kafka_proxy: FaultProxy,
+) -> None:
+    """The polling relay (MariaDB) behind both proxies, one fault after the other under the
+    same load: Kafka blackholed 20 s (killed 10 s in), the database connections reset every
+    3 s for 15 s, then the database blackholed 15 s. Duplicates: at most a poll batch (500)
+    per kill or reconnect."""
+    host, port = urlsplit(polling_db.url).hostname, urlsplit(polling_db.url).port
+    with FaultProxy((host or "127.0.0.1", port or 3306), name="mariadb") as db_proxy:
+        u = urlsplit(polling_db.url)
+        proxied = urlunsplit(
+            (u.scheme, u.netloc.rsplit("@", 1)[0] + "@" + db_proxy.address, u.path, "", "")
+        )
+        t0 = time.monotonic()
+        sources = ["fault-run1"]
+        relay = polling_relays(
+            database_url=proxied, bootstrap=kafka_proxy.address, poll_batch_size=500
+        )
+        relay.start(source_name=sources[0])
+        relay.wait_streaming()
+        arrivals = Arrivals(kafka_bootstrap, topic).start()
+        load = LoadGenerator(
+            polling_db, polling_table, topic, events=RATE * 60, keys=200, threads=4, rate=RATE
+        ).start()
+        load.wait_written(RATE * 3, timeout=30)
+        s = Scenario(relay, load, arrivals, sources, t0=t0)
+        kafka_proxy.blackhole()
+        hold(20, s, kill_at=10)
+        kafka_proxy.heal()
+        resets = 0
+        for _ in range(5):
+            time.sleep(3)
+            resets += db_proxy.reset()
+        db_proxy.blackhole()
+        hold(15, s)
+        db_proxy.heal()
+        s.healed()
+        res, _ = s.finish(
+            "polling (MariaDB): Kafka blackhole 20s + kill, resets, database blackhole 15s",
+            kafka_bootstrap,
+            database_connections_reset=resets,
+            duplicate_bound=500,
+        )
+        restarts = relay.all_logs().count("streaming from") - 1
+        assert res.duplicates <= max(1, restarts) * 500, res.summary()
+        assert resets >= 5
