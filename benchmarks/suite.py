@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import heapq
 import json
 import math
 import multiprocessing
@@ -47,6 +48,7 @@ import platform
 import random
 import re
 import resource
+import select
 import shutil
 import subprocess
 import sys
@@ -54,6 +56,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -288,84 +291,95 @@ def generator_worker(
     out_path: str,
 ) -> None:
     """One process of the open-loop generator, holding the connections ``c`` with
-    ``c % processes == wid``, one thread each. Event i is scheduled at ``start + i / rate`` with
-    a key drawn from KEYS ids; connection ``key % connections`` sends it (so each key's events
-    are committed in order by one connection), in its own transaction (an autocommit INSERT),
-    at its scheduled time or at once if late: a slow commit does not delay the schedule, only
-    the events of that connection, and that delay is measured (latency from schedule)."""
+    ``c % processes == wid``, driven by one event loop over libpq's asynchronous calls (no
+    threads: the generator should cost the machine as little CPU as it can).
+
+    Event i is scheduled at ``start + i / rate`` with a key drawn from KEYS ids; connection
+    ``key % connections`` sends it (so each key's events are committed in order by one
+    connection), as one autocommit INSERT (one event, one transaction), at its scheduled time
+    or, if that connection is still busy with an earlier event, as soon as it is free: a slow
+    commit does not move the schedule, and the delay shows in the latency from the schedule."""
     rng = random.Random(seed)
     keys = [rng.randrange(KEYS) for _ in range(total)]
     mine = [c for c in range(connections) if c % processes == wid]
+    queues: dict[int, deque[int]] = {c: deque() for c in mine}
+    for i in range(total):
+        q = queues.get(keys[i] % connections)
+        if q is not None:
+            q.append(i)
     ident = ".".join(f'"{part}"' for part in table.split("."))
     stmt = (
         f"INSERT INTO {ident} (topic, key, type, content_type, payload) "
         "VALUES ($1, $2, 'bench.suite', 'application/json', $3)"
     ).encode()
     topic_b = topic.encode()
-    results: list[tuple[list[int], list[float], list[float]]] = []
-    errors: list[str] = []
-    lock = threading.Lock()
-    conns = []
-    for _ in mine:
+    conns: dict[int, psycopg.Connection[Any]] = {}
+    for cid in mine:
         c = psycopg.connect(db_url, autocommit=True, application_name="outbox-cdc-bench-gen")
         c.execute("SET synchronous_commit = on")
-        # libpq directly (a prepared statement, no transaction block: one INSERT, one
-        # transaction): about half the client CPU of a psycopg cursor, which matters when the
-        # generator shares two cores with everything else
         res = c.pgconn.prepare(b"bench_ins", stmt)
         if res.status != pq.ExecStatus.COMMAND_OK:
             raise RuntimeError(res.get_error_message())
-        conns.append(c)
-
-    def send(cid: int, conn: psycopg.Connection[Any]) -> None:
-        pg = conn.pgconn
-        todo = [i for i in range(total) if keys[i] % connections == cid]
-        ns: list[int] = []
-        sched: list[float] = []
-        commits: list[float] = []
-        start = start_at.value
-        for i in todo:
-            s = start + i / rate
-            d = s - time.time()
-            if d > 0.0002:
-                time.sleep(d)
-            n = n_base + i
-            res = pg.exec_prepared(
-                b"bench_ins", [topic_b, f"k{keys[i]}".encode(), payload(n)], [0, 0, 1]
-            )
-            if res.status != pq.ExecStatus.COMMAND_OK:
-                with lock:
-                    errors.append(res.get_error_message())
-                    if len(errors) > 10:
-                        break
-                continue
-            commits.append(time.time())
-            ns.append(n)
-            sched.append(s)
-            with lock:
-                committed.value += 1
-        with lock:
-            results.append((ns, sched, commits))
-
+        conns[cid] = c
+    pgs = {cid: c.pgconn for cid, c in conns.items()}
+    by_fd = {pg.socket: cid for cid, pg in pgs.items()}
+    ns: list[int] = []
+    sched: list[float] = []
+    commits: list[float] = []
+    errors: list[str] = []
     ready.set()
     go.wait()
-    threads = [
-        threading.Thread(target=send, args=(cid, conn), daemon=True)
-        for cid, conn in zip(mine, conns, strict=True)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for c in conns:
+    start = start_at.value
+    due = [(start + q[0] / rate, cid) for cid, q in queues.items() if q]
+    heapq.heapify(due)
+    inflight: dict[int, tuple[int, float]] = {}  # cid -> (i, scheduled)
+    while due or inflight:
+        now = time.time()
+        while due and due[0][0] <= now:
+            s, cid = heapq.heappop(due)
+            i = queues[cid].popleft()
+            pgs[cid].send_query_prepared(
+                b"bench_ins", [topic_b, f"k{keys[i]}".encode(), payload(n_base + i)], [0, 0, 1]
+            )
+            inflight[cid] = (i, s)
+        timeout = max(0.0, due[0][0] - time.time()) if due else 1.0
+        if not inflight:
+            time.sleep(timeout)
+            continue
+        readable, _, _ = select.select([pgs[c].socket for c in inflight], [], [], timeout)
+        for fd in readable:
+            cid = by_fd[fd]
+            pg = pgs[cid]
+            pg.consume_input()
+            if pg.is_busy():
+                continue
+            res = pg.get_result()
+            while pg.get_result() is not None:
+                pass
+            t = time.time()
+            i, s = inflight.pop(cid)
+            if res is None or res.status != pq.ExecStatus.COMMAND_OK:
+                errors.append(res.get_error_message() if res is not None else "no result")
+            else:
+                commits.append(t)
+                ns.append(n_base + i)
+                sched.append(s)
+                committed.value += 1
+            q = queues[cid]
+            if q:
+                # its next event: at its scheduled time, or now if that has passed
+                heapq.heappush(due, (start + q[0] / rate, cid))
+        if len(errors) > 10:
+            break
+    for c in conns.values():
         c.close()
     ru = resource.getrusage(resource.RUSAGE_SELF)
     Path(out_path).write_text(
         json.dumps(
             {
-                "n": [n for r in results for n in r[0]],
-                "sched": [x for r in results for x in r[1]],
-                "commit": [x for r in results for x in r[2]],
+                "n": ns,
+                "sched": sched,
+                "commit": commits,
                 "errors": errors,
                 "cpu_s": ru.ru_utime + ru.ru_stime,
             }
@@ -838,9 +852,9 @@ class Suite:
     ) -> dict[str, Any]:
         total = int(rate * seconds)
         # enough connections to ride out commit stalls (fsync under other people's I/O):
-        # one per 250 events/s, at least 4; at most 4 processes (threads inside)
+        # one per 250 events/s, at least 4; one process (an event loop) per 4,000 events/s
         connections = min(32, max(4, math.ceil(rate / 250)))
-        workers = min(4, connections)
+        workers = min(connections, max(1, math.ceil(rate / 4000)))
         n_base = self.n_next
         self.n_next += total + 1000
         seed = n_base
