@@ -257,21 +257,12 @@ def test_relay_streams_over_verify_full_tls_to_secured_kafka(
 def test_check_reaches_kafka_with_the_security_settings(
     secure_endpoints: SecureEndpoints, outbox_table: str, replication_slot: str
 ) -> None:
+    """(With a wrong password: in the test of wrong passwords below.)"""
     ep = secure_endpoints
     good = env_for(ep, outbox_table, replication_slot, "SCRAM-SHA-512", create_slot="false")
-    wrong = {**good, "OUTBOX_CDC_KAFKA_SASL_PASSWORD": "wrong-" + uuid.uuid4().hex}
-    args = ["check", "--kafka-bootstrap-servers", ep.kafka_sasl_bootstrap]
-    with ThreadPoolExecutor(2) as pool:
-        ok_run = pool.submit(cli, [*args, "--json"], good)
-        wrong_run = pool.submit(cli, args, wrong)
-        done = ok_run.result()
-        kafka = [c for c in json.loads(done.stdout) if c["name"] == "kafka reachable"]
-        assert kafka and kafka[0]["ok"], done.stdout + done.stderr
-        done = wrong_run.result()
-    out = done.stdout + done.stderr
-    assert done.returncode == 1, out
-    assert "[FAIL] kafka reachable" in out and "kafka_sasl_password" in out, out
-    assert wrong["OUTBOX_CDC_KAFKA_SASL_PASSWORD"] not in out
+    done = cli(["check", "--kafka-bootstrap-servers", ep.kafka_sasl_bootstrap, "--json"], good)
+    kafka = [c for c in json.loads(done.stdout) if c["name"] == "kafka reachable"]
+    assert kafka and kafka[0]["ok"], done.stdout + done.stderr
 
 
 # -- refusals ----------------------------------------------------------------------------------
@@ -339,9 +330,7 @@ def test_postgres_refuses_a_wrong_ca_and_a_host_name_the_certificate_does_not_na
     assert status.returncode == 1 and "certificate verify failed" in status.stderr, status
 
 
-@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
 def test_kafka_wrong_sasl_password_and_untrusted_broker_name_the_setting(
-    client: str,
     secure_endpoints: SecureEndpoints,
     postgres_admin_url: str,
     kafka_bootstrap: str,
@@ -349,36 +338,60 @@ def test_kafka_wrong_sasl_password_and_untrusted_broker_name_the_setting(
     kafka_topic: str,
     tmp_path: Path,
 ) -> None:
+    """Both clients at once (4 relays), and check with a wrong password meanwhile."""
     ep = secure_endpoints
     wrong_password = f"WrongSasl{uuid.uuid4().hex}"
-    runs = {
-        # SCRAM with kafka-python; PLAIN with librdkafka (both report it)
-        "wrong password": (
-            "SCRAM-SHA-512" if client == "kafka-python" else "PLAIN",
+    runs: dict[str, tuple[str, str, dict[str, str], str]] = {}
+    for client in ("kafka-python", "confluent"):
+        # SCRAM with kafka-python, PLAIN with librdkafka (either reports both)
+        mech = "SCRAM-SHA-512" if client == "kafka-python" else "PLAIN"
+        runs[f"{client} wrong password"] = (
+            client,
+            mech,
             {"kafka_sasl_password": wrong_password},
             "kafka_sasl_password",
-        ),
-        "wrong CA": ("PLAIN", {"kafka_ssl_cafile": ep.other_ca_file}, "kafka_ssl_cafile"),
-    }
+        )
+        runs[f"{client} wrong CA"] = (
+            client,
+            "PLAIN",
+            {"kafka_ssl_cafile": ep.other_ca_file},
+            "kafka_ssl_cafile",
+        )
     relays: dict[str, RelayProcess] = {}
     slots = []
-    try:
-        for label, (mech, override, _) in runs.items():
-            slot = f"tls_kafka_{uuid.uuid4().hex[:12]}"
-            slots.append(slot)
-            env = env_for(ep, outbox_table, slot, mech, kafka_client=client, **override)
-            relays[label] = RelayProcess(env, tmp_path, label.replace(" ", "-")).start()
-        ports = {label: http_port(r) for label, r in relays.items()}
-        for label, r in relays.items():
-            setting = runs[label][2]
-            r.wait_for_log(rf"ERROR outbox_cdc\.relay: no Kafka broker answered.*{setting}", 30)
-            ready = wait_ready(ports[label], 503)
-            assert setting in str(ready.get("kafka")), ready
-        publish(ep.postgres_tls_url, outbox_table, kafka_topic, 1)
-        time.sleep(1)
-    finally:
-        for r in relays.values():
-            r.stop(timeout=20)
+    wrong_check = {
+        **env_for(ep, outbox_table, "unused", "PLAIN", create_slot="false"),
+        "OUTBOX_CDC_KAFKA_SASL_PASSWORD": wrong_password,
+    }
+    with ThreadPoolExecutor(1) as pool:
+        check = pool.submit(
+            cli, ["check", "--kafka-bootstrap-servers", ep.kafka_sasl_bootstrap], wrong_check
+        )
+        try:
+            for label, (client, mech, override, _) in runs.items():
+                slot = f"tls_kafka_{uuid.uuid4().hex[:12]}"
+                slots.append(slot)
+                env = env_for(ep, outbox_table, slot, mech, kafka_client=client, **override)
+                relays[label] = RelayProcess(env, tmp_path, label.replace(" ", "-")).start()
+            ports = {label: http_port(r) for label, r in relays.items()}
+            for label, r in relays.items():
+                setting = runs[label][3]
+                r.wait_for_log(rf"ERROR outbox_cdc\.relay: no Kafka broker answered.*{setting}", 30)
+                ready = wait_ready(ports[label], 503)
+                assert setting in str(ready.get("kafka")), (label, ready)
+            publish(ep.postgres_tls_url, outbox_table, kafka_topic, 1)
+            time.sleep(1)
+        finally:
+            for r in relays.values():  # all at once: each takes a moment to stop
+                if r.running:
+                    r.terminate()
+            for r in relays.values():
+                r.stop(timeout=20)
+        done = check.result()
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert "[FAIL] kafka reachable" in out and "kafka_sasl_password" in out, out
+    assert wrong_password not in out
     for label, r in relays.items():
         log = r.log_text()
         assert wrong_password not in log and ep.kafka_sasl_password not in log, log
