@@ -27,10 +27,10 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
+from outbox_cdc.connections import Target, target_of
 from outbox_cdc.consumer.events import ConsumedEvent
 from outbox_cdc.consumer.observer import ConsumerObserver, NullObserver
 from outbox_cdc.errors import ConfigurationError, EventValidationError, UnsupportedConnectionError
-from outbox_cdc.outbox import _Target, _target
 from outbox_cdc.schema import DIALECTS, statements, validate_table
 
 DEFAULT_TABLE = "outbox_cdc_inbox"
@@ -77,7 +77,7 @@ def _run(cursor: Any, sql: str, params: Any) -> Any:
     return cursor.execute(sql) if params is None else cursor.execute(sql, params)
 
 
-def _execute(target: _Target, sql: str, params: Any) -> int:
+def _execute(target: Target, sql: str, params: Any) -> int:
     """Run one statement on the caller's connection; its rowcount."""
     h = target.handle
     if target.flavor == "sqlalchemy":
@@ -104,7 +104,7 @@ def _execute(target: _Target, sql: str, params: Any) -> int:
     return int(h.rowcount)
 
 
-async def _execute_async(target: _Target, sql: str, params: Any) -> int:
+async def _execute_async(target: Target, sql: str, params: Any) -> int:
     h = target.handle
     if target.flavor == "sqlalchemy_async":
         from sqlalchemy import text
@@ -121,8 +121,8 @@ async def _execute_async(target: _Target, sql: str, params: Any) -> int:
     return int(h.rowcount)
 
 
-def _sync_target(conn: Any) -> _Target:
-    target = _target(conn)
+def _sync_target(conn: Any) -> Target:
+    target = target_of(conn)
     if target.flavor.endswith("_async"):
         raise UnsupportedConnectionError(
             "conn: this is an async connection; use the *_async method"
@@ -130,8 +130,8 @@ def _sync_target(conn: Any) -> _Target:
     return target
 
 
-def _async_target(conn: Any) -> _Target:
-    target = _target(conn)
+def _async_target(conn: Any) -> Target:
+    target = target_of(conn)
     if not target.flavor.endswith("_async"):
         raise UnsupportedConnectionError("conn: this is a sync connection; use the sync method")
     return target
@@ -180,7 +180,7 @@ class Inbox:
 
     # -- claim ----------------------------------------------------------------------------------
 
-    def _claim_statement(self, target: _Target, event: ConsumedEvent | str) -> tuple[str, Any]:
+    def _claim_statement(self, target: Target, event: ConsumedEvent | str) -> tuple[str, Any]:
         event_id = event.id if isinstance(event, ConsumedEvent) else event
         if not isinstance(event_id, str) or not event_id or len(event_id) > MAX_ID_LENGTH:
             raise EventValidationError(
@@ -212,7 +212,7 @@ class Inbox:
 
     # -- retention ------------------------------------------------------------------------------
 
-    def _purge_statement(self, target: _Target, older_than: timedelta) -> tuple[str, Any]:
+    def _purge_statement(self, target: Target, older_than: timedelta) -> tuple[str, Any]:
         if older_than <= timedelta(0):
             raise ConfigurationError("inbox retention: older_than must be positive")
         cutoff = _time_param(target.dialect, self.clock() - older_than)
