@@ -25,7 +25,7 @@ def settings(monkeypatch: pytest.MonkeyPatch, **values: object) -> dict[str, obj
     for name in list(os.environ):
         if name.startswith("OUTBOX_CDC_"):
             monkeypatch.delenv(name)
-    s = load_settings(database_url=URL, kafka_bootstrap_servers="b:9095", **values)
+    s = load_settings(None, database_url=URL, kafka_bootstrap_servers="b:9095", **values)
     return s.kafka_client_config()
 
 
