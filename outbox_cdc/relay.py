@@ -10,6 +10,7 @@ publish, or retry silently (every state change is one log line).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import queue
@@ -38,6 +39,7 @@ from outbox_cdc.sinks.base import Sink
 from outbox_cdc.sources.base import Begin, Commit, Item, Source
 
 log = logging.getLogger(__name__)
+_REFUSED_MEMORY = 10_000  # refused event ids remembered (see Relay._refused)
 
 
 class RelayObserver(Protocol):
@@ -166,6 +168,12 @@ class Relay:
         self._in_flight_bytes = 0
         self._waiting_since = 0.0  # monotonic time of the last acknowledgment while waiting
         self._unackable = 0  # events that failed for good: never acknowledged, never confirmed
+        # Events Kafka refused for good, by event id, kept across pipeline restarts: when the
+        # source sends one again (the restart came before its dead letter was acknowledged),
+        # it goes straight to the dead-letter topic instead of being refused again.
+        self._refused: collections.OrderedDict[str, PermanentDeliveryError] = (
+            collections.OrderedDict()
+        )
         self._state = ""
         self._stop_deadline = 0.0  # set by stop(): reading the open transaction, then draining
         self._commit_time: float | None = None  # of the transaction being read
@@ -328,7 +336,12 @@ class Relay:
                     size = len(record.value) + 64
                     self._in_flight_bytes += size
                     when = commit_time if commit_time is not None else item.created_at.timestamp()
-                    send(_Completion(generation, txn, record, size, when, monotonic()))
+                    c = _Completion(generation, txn, record, size, when, monotonic())
+                    refused = self._refused.get(record.event_id) if self._refused else None
+                    if refused is not None and opts.dead_letter_topic:
+                        self._send_dead_letter(c, str(refused), too_large=refused.too_large)
+                    else:
+                        send(c)
                 elif kind is Begin:
                     assert isinstance(item, Begin)
                     tracker.begin()
@@ -601,6 +614,10 @@ class Relay:
                 log.error(
                     "%s; sending it to dead-letter topic %s", exc, self.options.dead_letter_topic
                 )
+                if c.record.event_id:
+                    self._refused[c.record.event_id] = exc
+                    if len(self._refused) > _REFUSED_MEMORY:
+                        self._refused.popitem(last=False)
                 self._send_dead_letter(c, str(exc), too_large=exc.too_large)
                 return
             self._unackable += 1

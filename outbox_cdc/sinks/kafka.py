@@ -127,10 +127,25 @@ class KafkaSink:
             )
         self._client_config = {k: v for k, v in options.client_config.items()}
         config.setdefault("bootstrap_timeout_ms", options.max_block_ms)
+        self._config = config
         self._admin_client: KafkaAdminClient | None = None
+        # records handed to the producer and not yet resolved, and whether the producer's
+        # failure (see _failed) was already reported
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._fatal_reported = False
+        self._collateral = False
+        self._producer = self._new_producer()
+        if options.transactional_id:
+            # Fences any older producer with this id and completes (or aborts) its last
+            # transaction, so the progress topic is final before the relay reads it.
+            self._transactional(self._producer.init_transactions, "initializing transactions")
+
+    def _new_producer(self) -> kafka.KafkaProducer:
+        options = self.options
         try:
             with kafka_python_failures() as failures:
-                self._producer = kafka.KafkaProducer(**config)
+                return kafka.KafkaProducer(**self._config)
         except kerr.KafkaTimeoutError:
             raise SinkError(
                 f"no Kafka broker answered at {options.bootstrap_servers} "
@@ -140,10 +155,34 @@ class KafkaSink:
             raise ConfigurationError(f"kafka settings: {exc}") from None
         except kerr.KafkaError as exc:
             raise classify(exc) from None
-        if options.transactional_id:
-            # Fences any older producer with this id and completes (or aborts) its last
-            # transaction, so the progress topic is final before the relay reads it.
-            self._transactional(self._producer.init_transactions, "initializing transactions")
+
+    def _producer_failed(self) -> bool:
+        """kafka-python 3.0 puts a non-transactional idempotent producer in a fatal state when
+        the broker refuses one batch for good (too large, invalid record, not authorized):
+        every later record fails with the same error. The Java client bumps the epoch instead
+        and goes on. So does this sink, by replacing the producer (see send and _failed)."""
+        if self.options.transactional_id:
+            return False  # a transactional producer aborts the transaction instead
+        tm = getattr(self._producer, "_transaction_manager", None)
+        return bool(tm is not None and tm.has_fatal_error())
+
+    def _replace_failed_producer(self) -> None:
+        """Only when the refused record was the last one in flight. Records sent after it fail
+        as "not sent" (see _failed), and so does everything until the caller starts over: a
+        record sent now on a new producer would overtake them."""
+        with self._lock:
+            pending, collateral = self._pending, self._collateral
+        if pending or collateral:
+            raise SinkError(
+                "Kafka delivery failed: an earlier refusal left the kafka-python producer in a "
+                "failed state with records sent after it; they must be sent again first"
+            )
+        log.warning("replacing the Kafka producer after a refused record (kafka-python 3.0)")
+        old = self._producer
+        self._producer = self._new_producer()
+        self._fatal_reported = False
+        with contextlib.suppress(Exception):
+            old.close(timeout=0)
 
     # -- topics ---------------------------------------------------------------------------------
 
@@ -219,6 +258,8 @@ class KafkaSink:
     # -- Sink -----------------------------------------------------------------------------------
 
     def send(self, record: KafkaRecord, on_done: DeliveryCallback) -> None:
+        if self._producer_failed():
+            self._replace_failed_producer()
         if record.topic not in self._known_topics:
             try:
                 self._ensure_topic(record.topic)
@@ -238,8 +279,47 @@ class KafkaSink:
                 event_id=record.event_id,
                 topic=record.topic,
             ) from None
-        future.add_callback(_ok, on_done)
-        future.add_errback(_failed, on_done, record)
+        with self._lock:
+            self._pending += 1
+        future.add_callback(self._ok, on_done)
+        future.add_errback(self._failed, on_done, record)
+
+    def _ok(self, on_done: DeliveryCallback, _metadata: object) -> None:
+        try:
+            on_done(None)
+        finally:
+            self._resolved()
+
+    def _resolved(self) -> None:
+        # after on_done: "nothing pending" then means every outcome reached the caller
+        with self._lock:
+            self._pending -= 1
+
+    def _failed(self, on_done: DeliveryCallback, record: KafkaRecord, exc: BaseException) -> None:
+        """Runs on kafka-python's IO thread. Once the producer is in its fatal state, the first
+        failure reported is the refusal that caused it (its batch fails before any other), and
+        so is any record exception the broker named individually (KIP-467); every other record
+        failing with the producer's stored error was only caught in the fall: not sent, so not
+        refused (retriable)."""
+        with self._lock:
+            collateral = False
+            if self._producer_failed():
+                tm = self._producer._transaction_manager
+                collateral = self._fatal_reported and exc is tm.last_error
+                self._fatal_reported = True
+                self._collateral = self._collateral or collateral
+        try:
+            if collateral:
+                on_done(
+                    SinkError(
+                        "Kafka delivery failed: not sent, an earlier refusal left the "
+                        f"kafka-python producer in a failed state ({type(exc).__name__})"
+                    )
+                )
+            else:
+                on_done(classify(exc, record))
+        finally:
+            self._resolved()
 
     # -- transactions (exactly-once mode) -------------------------------------------------------
 
@@ -306,11 +386,3 @@ def _with_event(exc: PermanentDeliveryError, record: KafkaRecord) -> PermanentDe
     return PermanentDeliveryError(
         message, event_id=record.event_id, topic=record.topic, too_large=exc.too_large
     )
-
-
-def _ok(on_done: DeliveryCallback, _metadata: object) -> None:
-    on_done(None)
-
-
-def _failed(on_done: DeliveryCallback, record: KafkaRecord, exc: BaseException) -> None:
-    on_done(classify(exc, record))

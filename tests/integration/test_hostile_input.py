@@ -13,7 +13,7 @@ delivers everything else.
 The test broker has no ACLs, so "a topic the relay's credentials may not write" is simulated by
 topics the broker refuses: one that does not exist with topic creation off, one whose name
 collides with an existing topic, and Kafka's internal ``__consumer_offsets`` (which no client may
-append to). Tests marked xfail(strict) pin open bugs (listed in docs/reliability.md).
+append to). The bugs these tests found are listed in docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -680,7 +680,7 @@ def test_polling_hostile_rows_stop_the_relay_until_the_row_is_deleted(
     assert relay.running, relay.log_text()
 
 
-# -- open bugs (strict xfail): what the sink does with records the broker refuses -------------
+# -- what the sink does with records the broker refuses ---------------------------------------
 
 
 def make_sink(client: str, bootstrap: str, **options: Any) -> Any:
@@ -742,18 +742,7 @@ def test_a_topic_nobody_may_write_is_refused_for_good(
 
 @pytest.mark.parametrize(
     "client",
-    [
-        pytest.param(
-            "kafka-python",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="open bug (kafka-python 3.0.12): InvalidRecordError is now permanent, but "
-                "the idempotent producer is then in a fatal state and fails the next record "
-                "(see the test below)",
-            ),
-        ),
-        "confluent",
-    ],
+    ["kafka-python", "confluent"],
 )
 def test_a_record_the_topic_refuses_is_refused_for_good(
     client: str, kafka_bootstrap: str, made: Outboxes
@@ -776,11 +765,6 @@ def test_a_record_the_topic_refuses_is_refused_for_good(
         sink.close(5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open bug (kafka-python 3.0.12): after the broker refuses one record for good, the "
-    "idempotent producer is in a fatal state and fails every later record the same way",
-)
 def test_kafka_python_producer_goes_on_after_the_broker_refused_a_record(
     kafka_bootstrap: str, made: Outboxes
 ) -> None:
@@ -790,7 +774,7 @@ def test_kafka_python_producer_goes_on_after_the_broker_refused_a_record(
         assert deliver(sink, topic) is None
         outcome = deliver(sink, topic, value=b"x" * MIB)  # above the broker's message.max.bytes
         assert isinstance(outcome, PermanentDeliveryError), repr(outcome)
-        assert deliver(sink, topic) is None  # today: the same MessageSizeTooLargeError
+        assert deliver(sink, topic) is None  # kafka-python's producer was in a fatal state
     finally:
         sink.close(5)
 
@@ -810,12 +794,6 @@ def test_refused_topic_error_names_the_event(
         sink.close(5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open bug (kafka-python 3.0.12): the dead letter of a record too large now goes "
-    "without its value, but the idempotent producer is in a fatal state after the refusal "
-    "and fails the dead letter too: the relay stops",
-)
 def test_an_oversized_event_with_a_dead_letter_topic_does_not_stop_the_relay(
     made: Outboxes, kafka_bootstrap: str, tmp_path: Path
 ) -> None:
@@ -830,10 +808,71 @@ def test_an_oversized_event_with_a_dead_letter_topic_does_not_stop_the_relay(
         big = publish(conn, table, topic, payload=b"x" * MIB)[0]  # the insert API takes it
         good += publish(conn, table, topic, 2)
     with contextlib.suppress(subprocess.TimeoutExpired):
-        relay.wait(6)  # today it exits within a second: stopped on the dead-letter record
+        relay.wait(6)  # it used to exit here: stopped on the dead-letter record
     assert relay.running, relay.log_text()
     assert ids_of(read_topic(kafka_bootstrap, topic, expect_ids=good, timeout=10)) == good
     assert big in ids_of(read_topic(kafka_bootstrap, dlq, timeout=5))
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_refused_events_among_many_in_flight_are_dead_lettered_and_the_rest_arrive_in_order(
+    client: str, made: Outboxes, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """Three oversized events in the middle of 600 good ones, committed 50 per transaction, so
+    that many records are in flight around each refusal (one partition, one key: any
+    reordering shows). With kafka-python the refusal also fails the records sent after it (its
+    producer's fatal state); they must be sent again, in order, not dead-lettered."""
+    if client == "confluent":
+        pytest.importorskip("confluent_kafka", reason="the confluent extra is not installed")
+    table = made.pg_table()
+    topic = made.topic()
+    dlq = made.topic("dlq")
+    relay = made.wal_relay(table, tmp_path / "logs", dead_letter_topic=dlq, kafka_client=client)
+    relay.start()
+    relay.wait_streaming()
+    good: list[str] = []
+    big: list[str] = []
+    outbox = Outbox(table, capture_trace_context=False)
+    with psycopg.connect(made.postgres_url) as conn:
+        for i in range(603):
+            if i in (150, 300, 451):
+                big.append(
+                    str(outbox.publish(conn, topic=topic, key="k", type="big", payload=b"x" * MIB))
+                )
+            else:
+                good.append(
+                    str(
+                        outbox.publish(
+                            conn, topic=topic, key="k", type="good", payload=str(i).encode()
+                        )
+                    )
+                )
+            if i % 50 == 49:
+                conn.commit()
+        conn.commit()
+    records = read_topic(kafka_bootstrap, topic, expect_ids=good, timeout=60, settle=1)
+    dead = read_topic(kafka_bootstrap, dlq, expect_ids=big, timeout=30)
+    seen = ids_of(records)
+    first_copies = list(dict.fromkeys(seen))
+    print(
+        f"[hostile] {client}: {len(seen)} records for {len(good)} good events, "
+        f"{len(dead)} dead letters for {len(big)} refused, "
+        f"pipeline restarts {relay.log_text().count('reconnecting')}"
+    )
+    assert relay.running, relay.log_text()
+    if first_copies != good:  # say where, in event numbers
+        number = {e: i for i, e in enumerate(good)}
+        got = [number.get(e or "", -1) for e in first_copies]
+        wrong = [(k, got[k - 1], got[k]) for k in range(1, len(got)) if got[k] != got[k - 1] + 1]
+        trace = [
+            (r.offset, number.get(header(r, "ce_id") or "", -1), r.timestamp % 100000)
+            for r in records
+        ]
+        raise AssertionError(
+            f"{len(got)} of {len(good)} good events; out of order at {wrong[:10]}; {trace}"
+        )
+    assert set(ids_of(dead)) == set(big)
+    assert not set(ids_of(dead)) & set(good)
 
 
 def test_sqlite_key_with_invalid_utf8_is_a_poison_row(tmp_path: Path) -> None:
