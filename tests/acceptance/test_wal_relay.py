@@ -120,7 +120,7 @@ def test_sigkill_three_times_loses_nothing_and_duplicates_stay_bounded(
 
 
 @each_client
-def test_broker_down_30s_slot_never_confirms_past_unacknowledged_events(
+def test_broker_down_slot_never_confirms_past_unacknowledged_events(
     relays: Relays,
     postgres_url: str,
     postgres_admin_url: str,
@@ -131,18 +131,18 @@ def test_broker_down_30s_slot_never_confirms_past_unacknowledged_events(
     services: ServiceControl,
     unique_name: Callable[[str], str],
 ) -> None:
-    """Scenario 3: Kafka is stopped for 30 s under load. A marker event is committed after the
+    """Scenario 3: Kafka is stopped for 20 s under load. A marker event is committed after the
     broker stopped, so it cannot be acknowledged while the broker is down: the slot's
     confirmed_flush_lsn (polled every 200 ms) must stay below the marker's commit end LSN, which
     a second wal2json slot of the test tells exactly afterwards. Once Kafka is back, every
     committed event arrives."""
-    downtime = 30.0
+    downtime = 20.0
     t0 = time.monotonic()
     relay = relays(max_in_flight_events=2000)
     relay.start()
     relay.wait_streaming()
     load = LoadGenerator(
-        postgres_url, outbox_table, topic, events=24_000, keys=200, threads=4, rate=400
+        postgres_url, outbox_table, topic, events=12_000, keys=200, threads=4, rate=400
     ).start()
     load.wait_written(2000, timeout=30)
     side_slot = unique_name("side")
