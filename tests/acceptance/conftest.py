@@ -22,13 +22,22 @@ Polling mode, each test once per backend of ``POLLING_BACKENDS`` (``mariadb``, `
 * ``polling_connect``  a new producer connection (psycopg, PyMySQL or sqlite3; not autocommit);
 * ``polling_relays``   ``polling_relays(name="relay", database_url=None, bootstrap=None,
                        **settings)``: like ``relays``, on that table and the ``topic``.
+
+Fault injection (tests/acceptance/faults.py):
+
+* ``kafka_proxy``  a fault proxy to the broker's FAULT listener, on the port the broker
+                   advertises for it (one at a time);
+* ``pg_proxy``     a fault proxy to PostgreSQL (any free port; ``faults.proxied_url``);
+* ``disk_broker``  a Kafka broker of the test's own, its data on a 64 MB tmpfs (root only).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -43,6 +52,9 @@ from tests.acceptance.harness import (
     ensure_topic,
     relay_env,
 )
+from tests.conftest import _unavailable
+from tests.support.disk_broker import DiskBroker, kafka_lib
+from tests.support.faultproxy import FaultProxy
 
 _RELAYS = pytest.StashKey[list[RelayProcess]]()
 LOG_TAIL_LINES = 150
@@ -224,3 +236,52 @@ def polling_relays(
     yield make
     for relay in made:
         relay.kill()
+
+
+# ------------------------------------------------------------------------------------------
+# fault injection (tests/acceptance/faults.py)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def kafka_proxy(request: pytest.FixtureRequest) -> Iterator[FaultProxy]:
+    """A proxy on the broker's FAULT listener, listening where the broker advertises it."""
+    listener = os.environ.get("OUTBOX_CDC_TEST_KAFKA_FAULT_LISTENER")
+    advertised = os.environ.get("OUTBOX_CDC_TEST_KAFKA_FAULT_ADVERTISED")
+    if not listener or not advertised:
+        _unavailable(
+            request.config,
+            "the fault-injection tests need Kafka's FAULT listener "
+            "(OUTBOX_CDC_TEST_KAFKA_FAULT_LISTENER/_ADVERTISED): scripts/services.sh up && "
+            ". ./.services.env",
+        )
+    host, port = listener.rsplit(":", 1)
+    listen_host, listen_port = advertised.rsplit(":", 1)
+    proxy = FaultProxy(
+        (host, int(port)), listen_host=listen_host, listen_port=int(listen_port), name="kafka"
+    )
+    with proxy:
+        yield proxy
+
+
+@pytest.fixture
+def pg_proxy(postgres_url: str) -> Iterator[FaultProxy]:
+    u = urlsplit(postgres_url)
+    with FaultProxy((u.hostname or "127.0.0.1", u.port or 5432), name="postgres") as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def disk_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DiskBroker]:
+    if os.geteuid() != 0 or not kafka_lib().is_dir():
+        _unavailable(
+            request.config,
+            "the disk-full test needs root (mount -t tmpfs) and the Kafka jars of "
+            f"scripts/services.sh in {kafka_lib()}",
+        )
+    broker = DiskBroker(tmp_path / "disk-broker", data_mb=64)
+    try:
+        broker.setup().start()
+        yield broker
+    finally:
+        broker.close()

@@ -1,0 +1,116 @@
+"""Broker and database restarts under steady load, with the relay killed while the server is
+down (see tests/acceptance/faults.py). They stop shared services, so they run with the rest of the
+suite, never next to other tests.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.acceptance.faults import (
+    IN_FLIGHT_BOUND,
+    RATE,
+    Relays,
+    Scenario,
+    leader_epoch,
+    proxied_url,
+    start_scenario,
+)
+from tests.acceptance.harness import (
+    Arrivals,
+    LoadGenerator,
+    wait_until,
+)
+from tests.support.faultproxy import FaultProxy
+from tests.support.services import ServiceControl
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.kafka, pytest.mark.timeout(420)]
+
+
+def test_broker_restart_with_a_new_leader_epoch_and_a_kill_while_down_loses_nothing(
+    relays: Relays,
+    postgres_url: str,
+    kafka_bootstrap: str,
+    outbox_table: str,
+    topic: str,
+    pg_proxy: FaultProxy,
+    kafka_proxy: FaultProxy,
+    services: ServiceControl,
+) -> None:
+    """The broker is stopped and started again (its partitions get a new leader epoch); the
+    relay is killed while the broker is down and restarted at once."""
+    s = start_scenario(
+        relays,
+        postgres_url,
+        kafka_bootstrap,
+        outbox_table,
+        topic,
+        pg_proxy,
+        kafka_proxy,
+        seconds=40,
+    )
+    wait_until(lambda: len(s.arrivals.first_seen) > 0, timeout=30, what="a first event")
+    epoch_before = leader_epoch(kafka_bootstrap, topic)
+    services.stop("kafka")
+    try:
+        time.sleep(5)
+        s.kill_and_restart()
+        time.sleep(5)
+    finally:
+        services.start("kafka")
+    s.healed()
+    epoch_after = leader_epoch(kafka_bootstrap, topic)
+    s.finish(
+        "broker restart + kill while down",
+        kafka_bootstrap,
+        leader_epoch=f"{epoch_before}->{epoch_after}",
+    )
+    assert epoch_after > epoch_before
+
+
+def test_database_restart_with_a_kill_while_down_loses_nothing(
+    relays: Relays,
+    postgres_url: str,
+    kafka_bootstrap: str,
+    outbox_table: str,
+    topic: str,
+    pg_proxy: FaultProxy,
+    kafka_proxy: FaultProxy,
+    services: ServiceControl,
+) -> None:
+    """PostgreSQL is stopped (fast shutdown: open transactions roll back) and started again;
+    the relay is killed while it is down and restarted at once, so it starts against a
+    database that is not there."""
+    t0 = time.monotonic()
+    sources = ["fault-run1"]
+    relay = relays(
+        database_url=proxied_url(postgres_url, pg_proxy),
+        bootstrap=kafka_proxy.address,
+        max_in_flight_events=IN_FLIGHT_BOUND,
+    )
+    relay.start(source_name=sources[0])
+    relay.wait_streaming()
+    arrivals = Arrivals(kafka_bootstrap, topic).start()
+    load = LoadGenerator(
+        postgres_url,
+        outbox_table,
+        topic,
+        events=RATE * 30,
+        keys=200,
+        threads=4,
+        rate=RATE,
+        tolerate_restarts=True,
+    ).start()
+    load.wait_written(RATE * 3, timeout=30)
+    s = Scenario(relay, load, arrivals, sources, t0=t0)
+    services.stop("postgres")
+    try:
+        time.sleep(3)
+        s.kill_and_restart()
+        time.sleep(3)
+    finally:
+        services.start("postgres")
+    s.healed()
+    s.finish("database restart + kill while down", kafka_bootstrap)
