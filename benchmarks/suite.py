@@ -776,11 +776,15 @@ class Suite:
             with contextlib.suppress(Exception):
                 admin.delete_topics([topic])
             admin.close()
-        m = re.search(
-            r"(\d+) records sent, ([\d.]+) records/sec \(([\d.]+) MB/sec\), "
-            r"([\d.]+) ms avg latency, ([\d.]+) ms max latency",
-            out.stdout,
+        # the last line is the summary of the whole run; the ones before are 5-second windows
+        matches = list(
+            re.finditer(
+                r"(\d+) records sent, ([\d.]+) records/sec \(([\d.]+) MB/sec\), "
+                r"([\d.]+) ms avg latency, ([\d.]+) ms max latency",
+                out.stdout,
+            )
         )
+        m = matches[-1] if matches else None
         if out.returncode != 0 or not m:
             raise RuntimeError(
                 f"ProducerPerformance failed ({out.returncode}): {out.stderr[-500:]}"
