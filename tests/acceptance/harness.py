@@ -855,6 +855,9 @@ class Arrivals:
             enable_auto_commit=False,
             client_id="outbox-cdc-acceptance-arrivals",
             fetch_max_wait_ms=50,
+            # a broker that lost unacknowledged records in a crash (a full disk) may move its
+            # log end below our position: start over rather than jump to the end
+            auto_offset_reset="earliest",
         )
         try:
             while not consumer.partitions_for_topic(self.topic):

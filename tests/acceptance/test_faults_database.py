@@ -38,14 +38,13 @@ def test_postgres_blackhole_60s_longer_than_wal_sender_timeout_with_a_kill_loses
     outbox_table: str,
     topic: str,
     pg_proxy: FaultProxy,
-    kafka_proxy: FaultProxy,
 ) -> None:
-    """Packets between the relay and PostgreSQL dropped for 60 s, with wal_sender_timeout 20 s
-    (set on the relay's connections): the server ends the walsender during the blackhole; the
-    relay, hearing nothing, takes its connection for dead (replication_timeout 20 s) and
-    reconnects into the blackhole (connect timeout). Killed 30 s in: the restarted relay waits
-    for the database too. After the heal it resumes from the slot, which the old walsender may
-    still hold for a moment (standby until it is free)."""
+    """Packets between the relay and PostgreSQL dropped for 60 s (Kafka reached directly), with
+    wal_sender_timeout 20 s (set on the relay's connections): the server ends the walsender
+    during the blackhole; the relay, hearing nothing, takes its connection for dead
+    (replication_timeout 20 s) and reconnects into the blackhole (connect timeout). Killed 30 s
+    in: the restarted relay waits for the database too. After the heal it resumes from the slot,
+    which the old walsender may still hold for a moment (standby until it is free)."""
     s = start_scenario(
         relays,
         postgres_url,
@@ -53,7 +52,7 @@ def test_postgres_blackhole_60s_longer_than_wal_sender_timeout_with_a_kill_loses
         outbox_table,
         topic,
         pg_proxy,
-        kafka_proxy,
+        kafka_proxy=None,
         seconds=80,
         replication_timeout=20,
         url_params={"options": "-c%20wal_sender_timeout%3D20s"},
