@@ -119,8 +119,12 @@ def start_scenario(
     *,
     seconds: float,
     url_params: dict[str, str] | None = None,
+    tolerate_restarts: bool = False,
     **settings: object,
 ) -> Scenario:
+    """The relay (behind ``pg_proxy``, and ``kafka_proxy`` unless None) streaming, the arrivals
+    tail, and ``seconds`` of load at ``RATE``, of which 3 s have passed on return.
+    ``tolerate_restarts``: the producers survive a database restart (see LoadGenerator)."""
     t0 = time.monotonic()
     sources = ["fault-run1"]
     relay = relays(
@@ -140,6 +144,7 @@ def start_scenario(
         keys=200,
         threads=4,
         rate=RATE,
+        tolerate_restarts=tolerate_restarts,
     ).start()
     load.wait_written(RATE * 3, timeout=30)  # 3 s of normal operation first
     return Scenario(relay, load, arrivals, sources, t0=t0)

@@ -858,6 +858,9 @@ class Arrivals:
             # a broker that lost unacknowledged records in a crash (a full disk) may move its
             # log end below our position: start over rather than jump to the end
             auto_offset_reset="earliest",
+            # kafka-python backs off up to 30 s between reconnections: after a broker restart
+            # the arrivals would be seen that much late
+            reconnect_backoff_max_ms=500,
         )
         try:
             while not consumer.partitions_for_topic(self.topic):
@@ -877,9 +880,15 @@ class Arrivals:
         finally:
             consumer.close()
 
-    def recovered_after(self, since: float, written: Iterable[Written]) -> float | None:
+    def recovered_after(
+        self, since: float, written: Iterable[Written], timeout: float = 30.0
+    ) -> float | None:
         """Seconds from ``since`` (``time.time()``) until every event of ``written`` had
-        arrived; None if one never did."""
+        arrived (waiting up to ``timeout`` for the tail to see them); None if one never did."""
+        written = list(written)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(w.id not in self.first_seen for w in written):
+            time.sleep(0.2)
         last = since
         for w in written:
             seen = self.first_seen.get(w.id)

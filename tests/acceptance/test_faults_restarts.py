@@ -10,17 +10,11 @@ import time
 import pytest
 
 from tests.acceptance.faults import (
-    IN_FLIGHT_BOUND,
-    RATE,
     Relays,
-    Scenario,
     leader_epoch,
-    proxied_url,
     start_scenario,
 )
 from tests.acceptance.harness import (
-    Arrivals,
-    LoadGenerator,
     wait_until,
 )
 from tests.support.faultproxy import FaultProxy
@@ -83,28 +77,17 @@ def test_database_restart_with_a_kill_while_down_loses_nothing(
     """PostgreSQL is stopped (fast shutdown: open transactions roll back) and started again;
     the relay is killed while it is down and restarted at once, so it starts against a
     database that is not there."""
-    t0 = time.monotonic()
-    sources = ["fault-run1"]
-    relay = relays(
-        database_url=proxied_url(postgres_url, pg_proxy),
-        bootstrap=kafka_proxy.address,
-        max_in_flight_events=IN_FLIGHT_BOUND,
-    )
-    relay.start(source_name=sources[0])
-    relay.wait_streaming()
-    arrivals = Arrivals(kafka_bootstrap, topic).start()
-    load = LoadGenerator(
+    s = start_scenario(
+        relays,
         postgres_url,
+        kafka_bootstrap,
         outbox_table,
         topic,
-        events=RATE * 30,
-        keys=200,
-        threads=4,
-        rate=RATE,
+        pg_proxy,
+        kafka_proxy,
+        seconds=30,
         tolerate_restarts=True,
-    ).start()
-    load.wait_written(RATE * 3, timeout=30)
-    s = Scenario(relay, load, arrivals, sources, t0=t0)
+    )
     services.stop("postgres")
     try:
         time.sleep(3)
