@@ -404,6 +404,8 @@ class Recovery:
     rows: int
     published: int
     dry_run: bool
+    gap: bool = False  # the slot gap path (sources/slot_gap.py), not the created_at rule
+    gap_from: str | None = None  # the recorded delivered position the gap starts after
 
 
 def recover(
@@ -430,6 +432,10 @@ def recover(
     could be missed; without a recorded time, every retained row is re-published.
     """
     dsn = _pg_dsn(url)
+    if since is None and not force:
+        gap = _recover_gap(dsn, table, slot, sink_factory, source_name, margin, dry_run, timeout)
+        if gap is not None:
+            return gap
     with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
         state = conn.execute(
             "SELECT plugin, wal_status, active_pid FROM pg_replication_slots WHERE slot_name = %s",
@@ -474,6 +480,138 @@ def recover(
                 f"the cause, then run: outbox-cdc recover --force{again}"
             ) from None
     return Recovery(slot, status, lsn, _iso(since), rows, published, False)
+
+
+def _recover_gap(
+    dsn: str,
+    table: str,
+    slot: str,
+    sink_factory: Callable[[], Sink],
+    source_name: str,
+    margin: float,
+    dry_run: bool,
+    timeout: float,
+) -> Recovery | None:
+    """The relay's own gap path (sources/slot_gap.py): a missing or lost slot over a recorded
+    delivered position, or an unfinished recreation, re-publishes exactly the gap. None when
+    this is not such a case (a healthy slot; or nothing was ever delivered: the older rule)."""
+    from outbox_cdc.sources import slot_gap
+
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+        row = conn.execute(
+            "SELECT wal_status, active_pid FROM pg_replication_slots WHERE slot_name = %s",
+            (slot,),
+        ).fetchone()
+        if row is not None and row[1] is not None:
+            raise ConfigurationError(
+                f"slot {slot!r} is in use by PID {row[1]}: stop every relay of this slot first"
+            )
+        status = "missing" if row is None else str(row[0])
+        marker = slot_gap.pending(conn, slot)
+        if marker is None:
+            if status not in ("missing", "lost"):
+                return None
+            if slot_gap.gap_reason(conn, slot, table, status) is None:
+                return None
+        if dry_run:
+            rows = _gap_rows_now(conn, table, slot, marker, margin)
+            return Recovery(slot, status, "", None, rows, 0, True, gap=True)
+    try:
+        gap = slot_gap.open_gap(
+            lambda: psycopg.connect(dsn, autocommit=True, connect_timeout=10),
+            slot,
+            table,
+            allow=True,
+            margin=margin,
+        )
+    except OutboxError as exc:
+        raise OutboxError(f"recover: {exc}") from None
+    if gap is None:  # a relay recovered it meanwhile
+        return Recovery(slot, status, "", None, 0, 0, False, gap=True)
+    try:
+        published = _publish_gap(gap, sink_factory, source_name, timeout)
+    except Exception as exc:
+        raise OutboxError(
+            f"re-publishing the gap of slot {slot!r} failed: {exc}. What was acknowledged is "
+            "recorded: fix the cause and run 'outbox-cdc recover' again (or start the relay: it "
+            "continues the gap by itself)"
+        ) from None
+    finally:
+        gap.close()
+    lsn = str(gap.marker.get("to_lsn") or "")
+    since = gap.marker.get("from_lsn")
+    return Recovery(slot, status, lsn, None, published, published, False, True, since)
+
+
+def _gap_rows_now(
+    conn: psycopg.Connection[Any],
+    table: str,
+    slot: str,
+    marker: dict[str, Any] | None,
+    margin: float,
+) -> int:
+    """How many rows the gap would have if the slot were recreated now (for --dry-run)."""
+    from outbox_cdc.sources import slot_gap
+
+    if marker is None or marker.get("state") == "creating":
+        row = conn.execute(
+            f"SELECT delivered_commit_time, delivered_snapshot FROM {slot_gap.OFFSETS_TABLE}"
+            " WHERE slot_name = %s",
+            (slot,),
+        ).fetchone()
+        snap = conn.execute("SELECT txid_current_snapshot()::text").fetchone()
+        marker = {
+            "from_time": row[0].isoformat() if row and row[0] else None,
+            "from_snapshot": row[1] if row else None,
+            "to_snapshot": snap[0] if snap else None,
+            "txid": slot_gap._has_txid(conn, table),
+        }
+    gap = slot_gap.Backfill(conn, slot, table, marker, margin, 10**9)
+    return len(gap.next_page())
+
+
+def _publish_gap(
+    gap: Any, sink_factory: Callable[[], Sink], source_name: str, timeout: float
+) -> int:
+    from outbox_cdc.errors import EventDecodeError, SinkError
+    from outbox_cdc.events import to_record
+
+    sink = sink_factory()
+    failures: list[BaseException] = []
+    acked = [0]
+    lock = threading.Lock()
+
+    def on_done(exc: BaseException | None) -> None:
+        with lock:
+            if exc is None:
+                acked[0] += 1
+            else:
+                failures.append(exc)
+
+    total = 0
+    try:
+        while True:
+            page = gap.next_page()
+            if not page:
+                break
+            acked[0] = 0
+            for _seq, event in page:
+                if isinstance(event, EventDecodeError):
+                    raise event
+                sink.send(to_record(event, source_name), on_done)
+            deadline = time.monotonic() + timeout
+            while acked[0] + len(failures) < len(page) and time.monotonic() < deadline:
+                sink.flush(min(5.0, max(0.1, deadline - time.monotonic())))
+            if failures:
+                raise SinkError(f"{len(failures)} events were not published: {failures[0]}")
+            if acked[0] < len(page):
+                raise SinkError(f"events were not acknowledged within {timeout:.0f}s")
+            gap.acknowledged(page)
+            total += len(page)
+        gap.finish()
+    finally:
+        sink.close(10.0)
+    return int(gap.rows) if gap.rows else total
 
 
 def _iso(ts: datetime | None) -> str | None:

@@ -131,6 +131,11 @@ _slot = click.option(
     default=None,
     help="Create the slot when missing [default: create]",
 )
+@click.option(
+    "--recover-lost-slot/--no-recover-lost-slot",
+    default=None,
+    help="Recreate a slot lost or dropped over a gap and re-publish the gap [default: on]",
+)
 @click.option("--dead-letter-topic", help="Route records Kafka refuses for good to this topic")
 @click.option("--http-port", type=int, help="Serve /metrics, /healthz, /readyz on this port")
 @click.option(
@@ -551,7 +556,14 @@ def recover(
     except Exception as exc:  # driver errors: one line, no URL
         _fail(_one_line(exc), EXIT_FATAL)
         return
-    start = f"rows created since {result.since}" if result.since else "every retained row"
+    if result.gap:
+        start = (
+            f"the gap after the last delivered position {result.gap_from}"
+            if result.gap_from
+            else "the rows of the transactions never delivered"
+        )
+    else:
+        start = f"rows created since {result.since}" if result.since else "every retained row"
     if result.dry_run:
         click.echo(
             f"slot {result.slot}: {result.slot_state}; would recreate it and re-publish "

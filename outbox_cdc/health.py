@@ -24,7 +24,7 @@ from outbox_cdc.metrics import RelayMetrics
 
 log = logging.getLogger(__name__)
 
-READY_STATES = ("streaming", "standby")
+READY_STATES = ("streaming", "recovering", "standby")
 LOOP_STALE_SECONDS = 120.0  # the relay's loop passes at least every ~30 s (longest backoff)
 
 

@@ -42,8 +42,8 @@ LATENCY_BUCKETS = (
     300.0,
     600.0,
 )
-STATES = ("starting", "streaming", "standby", "stalled", "failing", "stopped")
-ACTIVE_STATES = ("streaming", "stalled")
+STATES = ("starting", "streaming", "recovering", "standby", "stalled", "failing", "stopped")
+ACTIVE_STATES = ("streaming", "recovering", "stalled")
 
 
 class RelayMetrics:
@@ -111,9 +111,21 @@ class RelayMetrics:
         self._cleanup_errors = Counter(
             PREFIX + "cleanup_errors", "Clean-up rounds that failed", registry=r
         )
+        self._slot_gaps = Counter(
+            PREFIX + "slot_gaps",
+            "Times the replication slot was found missing or lost over a gap and recreated "
+            "(its events re-published from the outbox table)",
+            registry=r,
+        )
+        self._gap_events = Counter(
+            PREFIX + "gap_events_republished",
+            "Events of a slot gap re-published from the outbox table and acknowledged",
+            registry=r,
+        )
         self._state = Gauge(
             PREFIX + "relay_state",
-            "1 for the relay's current state: starting, streaming, standby, stalled (Kafka "
+            "1 for the relay's current state: starting, streaming, recovering (re-publishing "
+            "a slot gap), standby, stalled (Kafka "
             "acknowledges nothing), failing (reconnecting), stopped",
             ["state"],
             registry=r,
@@ -188,6 +200,12 @@ class RelayMetrics:
         self._errors.labels(reason=reason).inc()
         if reason.endswith("_unavailable"):
             self._reconnects.labels(target=reason.removesuffix("_unavailable")).inc()
+
+    def slot_gap(self) -> None:
+        self._slot_gaps.inc()
+
+    def gap_published(self, events: int) -> None:
+        self._gap_events.inc(events)
 
     # -- clean-up hook --------------------------------------------------------------------------
 

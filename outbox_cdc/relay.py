@@ -59,6 +59,12 @@ class RelayObserver(Protocol):
     def error(self, reason: str) -> None:
         """A publish or connection error, by reason (a short fixed word)."""
 
+    def slot_gap(self) -> None:
+        """The slot was recreated over a gap; its rows are re-published now."""
+
+    def gap_published(self, events: int) -> None:
+        """``events`` rows of a slot gap were re-published (acknowledged)."""
+
 
 POISON_ADVICE = (
     "The relay stopped so that nothing after it is confirmed. Set a dead-letter topic "
@@ -82,6 +88,12 @@ class NullObserver:
         pass
 
     def error(self, reason: str) -> None:
+        pass
+
+    def slot_gap(self) -> None:
+        pass
+
+    def gap_published(self, events: int) -> None:
         pass
 
 
@@ -283,6 +295,7 @@ class Relay:
             return
         if self.sink is None:
             self.sink = self.sink_factory()
+        self._backfill()
         start = self.source.open(self.delivered)
         self.tracker = AckTracker(start)
         self.delivered = max(self.delivered, start)
@@ -388,6 +401,7 @@ class Relay:
         check_available()
         if self.sink is None:
             self.sink = self.sink_factory()
+        self._backfill()
         key = progress_key()
         record = store.load(key)
         recorded = record["position"] if record else None
@@ -505,6 +519,72 @@ class Relay:
             source.confirm(self.tracker.confirmed, self.delivered)
             if self._stopping.is_set() and not leftover:
                 return
+
+    # -- a slot recreated over a gap ------------------------------------------------------------
+
+    def _backfill(self) -> None:
+        """Publish the rows of a slot gap (``source.backfill()``, see sources/slot_gap.py)
+        before the source streams anything newer: page by page, each page fully acknowledged
+        (in exactly-once mode: one Kafka transaction) before its progress is recorded."""
+        backfill = getattr(self.source, "backfill", None)
+        gap = backfill() if backfill is not None else None
+        if gap is None:
+            return
+        opts = self.options
+        sink = self.sink
+        assert sink is not None
+        txn_sink: Any = sink
+        delivered = self.delivered
+        self._generation += 1
+        generation = self._generation
+        tracker = self.tracker = AckTracker(0)
+        self._in_flight_bytes = 0
+        self._unackable = 0
+        self._waiting_since = 0.0
+        self._set_state("recovering", "%s", gap.describe(), level=logging.WARNING)
+        self.observer.slot_gap()
+        position = 0
+        try:
+            while not self._stopping.is_set():
+                page = gap.next_page()
+                if not page:
+                    gap.finish()
+                    return
+                if opts.exactly_once:
+                    txn_sink.begin_transaction()
+                tracker.begin()
+                for _seq, item in page:
+                    txn = tracker.add_event()
+                    if type(item) is OutboxEvent:
+                        record = to_record(item, opts.source_name)
+                        c = _Completion(
+                            generation,
+                            txn,
+                            record,
+                            len(record.value) + 64,
+                            item.created_at.timestamp(),
+                            time.monotonic(),
+                        )
+                        self._in_flight_bytes += c.nbytes
+                        self._send(c)
+                    else:
+                        assert isinstance(item, EventDecodeError)
+                        self._poison(item, txn, generation)
+                position += 1
+                tracker.commit(position)
+                if opts.exactly_once:
+                    txn_sink.commit_transaction(opts.transaction_timeout)
+                while tracker.confirmed < position:
+                    if self._stopping.is_set() and time.monotonic() >= self._stop_deadline:
+                        return
+                    self._wait_for_wake(0.5)
+                    self._drain_completions()
+                gap.acknowledged(page)
+                self.observer.gap_published(len(page))
+        finally:
+            gap.close()
+            self.tracker = AckTracker(delivered)
+            self.delivered = delivered
 
     def _transaction_error(self, exc: BaseException) -> OutboxError:
         if isinstance(exc, PermanentDeliveryError):

@@ -64,6 +64,12 @@ class Settings(BaseSettings):
     )
     slot: str = Field("outbox_cdc", description="logical replication slot (wal2json)")
     create_slot: bool = Field(True, description="create the slot when it is missing")
+    recover_lost_slot: bool = Field(
+        True,
+        description="when the slot is missing or invalidated after events were delivered "
+        "(a gap), recreate it and re-publish the gap's rows from the outbox table before "
+        "streaming; false: stop with an error that says to run 'outbox-cdc recover'",
+    )
     message_prefix: str = Field(
         "outbox-cdc",
         description="prefix of table-less events (pg_logical_emit_message); empty to disable",
@@ -277,6 +283,7 @@ class Settings(BaseSettings):
             table=self.outbox_table,
             message_prefix=self.message_prefix or None,
             create_slot=self.create_slot,
+            recover_lost_slot=self.recover_lost_slot,
             status_interval=self.status_interval,
             replication_timeout=self.replication_timeout,
             heartbeat_interval=self.heartbeat_interval,

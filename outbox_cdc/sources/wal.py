@@ -4,8 +4,9 @@ Two connections: a ``replication=database`` one that only streams (START_REPLICA
 normal one for the catalog (slot state, slot creation) and the durable offset record.
 
 What it must not do: confirm (Standby status update ``flushed``) a position the relay did not
-hand to :meth:`WalSource.confirm`; start after a position nobody recorded as delivered; drop a
-slot.
+hand to :meth:`WalSource.confirm`; start after a position nobody recorded as delivered; create a
+slot over a gap (a missing or lost slot while events were delivered: see :mod:`slot_gap`, the only
+place that drops a slot, and only an invalidated one).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from outbox_cdc.protocol.replication import (
     parse_xlogdata_header,
     status_update,
 )
+from outbox_cdc.sources import slot_gap
 from outbox_cdc.sources.base import Begin, CleanupObserver, Commit, Item
 from outbox_cdc.sources.keepalive import tcp_timeouts
 
@@ -70,6 +72,10 @@ class WalSourceOptions:
     cleanup_interval: float = 10.0
     cleanup_window: int = 1000
     cleanup_budget: float = 0.2
+    # a missing or lost slot over a gap: recreate it and re-publish the gap from the table
+    # (sources/slot_gap.py); False: stop with an error that says to run 'outbox-cdc recover'
+    recover_lost_slot: bool = True
+    gap_margin: float = 600.0  # created_at margin for rows without txid (see slot_gap)
 
     def __post_init__(self) -> None:
         if not _SLOT_RE.fullmatch(self.slot):
@@ -130,6 +136,9 @@ class WalSource:
         self._idle_pos: int | None = None
         self._txn_time: float | None = None  # commit time of the transaction being read
         self.started_at_lsn = 0
+        # (txid snapshot, WAL insert LSN) taken at an offset record: it becomes the delivered
+        # snapshot once the confirmed position passed that LSN (see slot_gap)
+        self._snapshot_candidate: tuple[str, int] | None = None
 
     @staticmethod
     def describe(position: int) -> str:
@@ -186,12 +195,51 @@ class WalSource:
         keys = ("plugin", "slot_type", "database", "active_pid", "wal_status", "confirmed_flush")
         return dict(zip(keys, row, strict=True))
 
+    # -- a missing or lost slot over a gap --------------------------------------------------
+
+    def backfill(self) -> slot_gap.Backfill | None:
+        """Called by the relay before :meth:`open`: when the slot is missing or lost over a gap
+        (or a recreation is unfinished), recreate it and return the gap's rows to publish first.
+        None when there is nothing to do. Raises ``SlotGapError`` over a gap when automatic
+        recovery is off, ``SourceInUseError`` while another relay works on the gap."""
+        opts = self.options
+        return slot_gap.open_gap(
+            self._connect,
+            opts.slot,
+            opts.qualified_table,
+            allow=opts.recover_lost_slot and opts.create_slot,
+            margin=opts.gap_margin,
+            refusal=self._gap_refusal,
+        )
+
+    def _gap_refusal(self, reason: str) -> str:
+        opts = self.options
+        if not opts.create_slot:
+            why = "slot creation is off (create_slot)"
+        else:
+            why = "automatic recovery is off (recover_lost_slot)"
+        return (
+            f"{reason}; the events committed since then were not streamed and {why}: stop "
+            "every relay of this slot and run 'outbox-cdc recover' (it recreates the slot and "
+            "re-publishes only the gap; docs/operations.md, 'A lost or dropped slot')"
+        )
+
     def _check_slot(self) -> int:
-        """Create the slot if allowed; return its confirmed_flush LSN. Raises what waiting
-        cannot fix, or SlotInUseError."""
+        """Create the slot if allowed and safe; return its confirmed_flush LSN. Raises what
+        waiting cannot fix, SlotInUseError, or GapPendingError (the relay then calls
+        :meth:`backfill` first)."""
         assert self._ctl is not None
         slot = self.options.slot
         state = self.slot_state()
+        if state is None or state["wal_status"] == "lost":
+            status = "missing" if state is None else "lost"
+            reason = slot_gap.gap_reason(self._ctl, slot, self.options.qualified_table, status)
+            if reason is not None:
+                if not (self.options.recover_lost_slot and self.options.create_slot):
+                    raise slot_gap.SlotGapError(self._gap_refusal(reason))
+                raise slot_gap.GapPendingError(reason)
+        elif slot_gap.pending(self._ctl, slot) is not None:
+            raise slot_gap.GapPendingError(f"the gap of replication slot {slot!r} is not published")
         if state is None:
             if not self.options.create_slot:
                 raise ConfigurationError(
@@ -415,9 +463,12 @@ class WalSource:
             )
         ):
             self._send_status(force=True)
-        if (
+        if now - self._last_offset_save >= self.options.offset_interval and (
             self._delivered > self._saved_offset
-            and now - self._last_offset_save >= self.options.offset_interval
+            or (
+                self._snapshot_candidate is not None
+                and self._flushed >= self._snapshot_candidate[1]
+            )
         ):
             self._save_offset()
         if self.options.heartbeat_interval and now >= self._next_heartbeat:
@@ -508,9 +559,17 @@ class WalSource:
         self._last_offset_save = time.monotonic()
         if self._ctl is None:
             return
+        candidate = self._snapshot_candidate
+        promote = candidate[0] if candidate and self._flushed >= candidate[1] else None
+        advanced = self._delivered > self._saved_offset
         try:
-            save_offset(self._ctl, self.options.slot, self._delivered, self.confirmed_commit_time)
+            taken = save_offset(
+                self._ctl, self.options.slot, self._delivered, self.confirmed_commit_time, promote
+            )
             self._saved_offset = self._delivered
+            if promote is not None or candidate is None:
+                # a new candidate only while events flow: an idle relay writes nothing
+                self._snapshot_candidate = taken if advanced else None
         except psycopg.Error as exc:
             # Only a duplicate-avoidance aid: the slot itself never runs ahead of delivery.
             log.warning("could not record the delivered position: %s", _describe(exc))
@@ -554,14 +613,14 @@ def invalidated_message(slot: str) -> str:
 
 
 def create_slot(conn: psycopg.Connection[Any], slot: str) -> str:
-    """Create the wal2json slot; forget any recorded offset of an older slot of that name."""
+    """Create the wal2json slot. Never deletes the recorded offset: over a gap it is where
+    re-publishing starts (see slot_gap); callers check for a gap first."""
     try:
         row = conn.execute(
             "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'wal2json')", (slot,)
         ).fetchone()
     except pgerr.DuplicateObject:
         return ""
-    delete_offset(conn, slot)
     lsn = row[0] if row else ""
     log.info("created replication slot %s (wal2json) at %s", slot, lsn)
     return str(lsn)
@@ -578,19 +637,30 @@ def load_offset(conn: psycopg.Connection[Any], slot: str) -> int:
 
 
 def save_offset(
-    conn: psycopg.Connection[Any], slot: str, lsn: int, commit_time: float | None = None
-) -> None:
+    conn: psycopg.Connection[Any],
+    slot: str,
+    lsn: int,
+    commit_time: float | None = None,
+    snapshot: str | None = None,
+) -> tuple[str, int] | None:
+    """Record the delivered position (and, when given, a snapshot every transaction visible
+    in which is delivered). Returns this moment's (txid snapshot, WAL insert LSN): the next
+    snapshot candidate."""
     try:
-        conn.execute(
+        row = conn.execute(
             f"INSERT INTO {OFFSETS_TABLE} (slot_name, delivered_lsn, delivered_commit_time,"
-            " updated_at) VALUES (%s, %s::pg_lsn, to_timestamp(%s), now())"
+            " delivered_snapshot, updated_at)"
+            " VALUES (%s, %s::pg_lsn, to_timestamp(%s), %s, now())"
             " ON CONFLICT (slot_name) DO UPDATE"
             " SET delivered_lsn = GREATEST(EXCLUDED.delivered_lsn,"
             f" {OFFSETS_TABLE}.delivered_lsn), delivered_commit_time = GREATEST("
             f"EXCLUDED.delivered_commit_time, {OFFSETS_TABLE}.delivered_commit_time),"
-            " updated_at = now()",
-            (slot, format_lsn(lsn), commit_time),
-        )
+            f" delivered_snapshot = COALESCE(EXCLUDED.delivered_snapshot,"
+            f" {OFFSETS_TABLE}.delivered_snapshot), updated_at = now()"
+            " RETURNING txid_current_snapshot()::text, pg_current_wal_insert_lsn()::text",
+            (slot, format_lsn(lsn), commit_time, snapshot),
+        ).fetchone()
+        return (str(row[0]), parse_lsn(row[1])) if row else None
     except pgerr.UndefinedColumn:
         # an offsets table of an earlier version: 'outbox-cdc init' adds the column
         conn.execute(
@@ -600,6 +670,7 @@ def save_offset(
             f" {OFFSETS_TABLE}.delivered_lsn), updated_at = now()",
             (slot, format_lsn(lsn)),
         )
+        return None
     except pgerr.UndefinedTable:
         log.warning(
             "table %s is missing (run 'outbox-cdc init'): restarts may redeliver "
@@ -607,8 +678,3 @@ def save_offset(
             OFFSETS_TABLE,
         )
         raise
-
-
-def delete_offset(conn: psycopg.Connection[Any], slot: str) -> None:
-    with contextlib.suppress(pgerr.UndefinedTable):
-        conn.execute(f"DELETE FROM {OFFSETS_TABLE} WHERE slot_name = %s", (slot,))

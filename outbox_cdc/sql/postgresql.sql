@@ -25,6 +25,14 @@ CREATE TABLE IF NOT EXISTS {table} (
     published_at timestamptz
 );
 
+-- The top-level transaction id of the writing transaction (txid_current() is the top-level
+-- id even inside a savepoint; xmin would be the subtransaction's). After a lost or dropped
+-- slot the WAL relay compares it with two snapshots to re-publish exactly the rows of the
+-- transactions it never delivered (docs/operations.md, "A lost or dropped slot"). Added in two
+-- steps so that existing rows keep NULL and the table is not rewritten.
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS txid bigint;
+ALTER TABLE {table} ALTER COLUMN txid SET DEFAULT txid_current();
+
 -- The WAL relay's durable record of the last delivered commit (fewer duplicates after restarts).
 CREATE TABLE IF NOT EXISTS outbox_cdc_offsets (
     slot_name     text        PRIMARY KEY,
@@ -34,6 +42,11 @@ CREATE TABLE IF NOT EXISTS outbox_cdc_offsets (
 -- commit time of the last transaction confirmed with it: where 'outbox-cdc recover' starts
 -- re-publishing after a lost slot
 ALTER TABLE outbox_cdc_offsets ADD COLUMN IF NOT EXISTS delivered_commit_time timestamptz;
+-- a txid_snapshot every transaction visible in which is delivered (taken at a record, kept
+-- once the confirmed position passed the WAL insert position of that moment)
+ALTER TABLE outbox_cdc_offsets ADD COLUMN IF NOT EXISTS delivered_snapshot text;
+-- the last slot recreated over a gap: state creating | backfilling | done, positions, counts
+ALTER TABLE outbox_cdc_offsets ADD COLUMN IF NOT EXISTS slot_gap jsonb;
 
 -- Which schema version each outbox table has, so later versions can migrate in place.
 CREATE TABLE IF NOT EXISTS outbox_cdc_schema (

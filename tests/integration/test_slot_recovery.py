@@ -89,6 +89,7 @@ def test_invalidated_slot_is_reported_and_recover_loses_nothing(
         table=outbox_table,
         slot=replication_slot,
         kafka_topic_partitions=1,
+        recover_lost_slot="false",  # the operator's path; the automatic one: test_faults_slot
         **({} if retention is None else {"retention": retention}),
     )
     relay = RelayProcess(env, tmp_path / "logs")
