@@ -111,6 +111,27 @@ def _pg_table_exists(conn: psycopg.Connection[Any], table: str) -> bool:
 # -- status --------------------------------------------------------------------------------------
 
 
+def describe_gap(gap: dict[str, Any]) -> str:
+    """One line about a slot recreated over a gap (``outbox_cdc_offsets.slot_gap``)."""
+    state = gap.get("state")
+    what = {
+        "creating": "being recreated over a gap: not streaming until its events are re-published",
+        "backfilling": "recreated over a gap; re-publishing its events (not streaming yet)",
+        "done": "recreated over a gap; its events were re-published",
+    }.get(str(state), str(state))
+    when = gap.get("done_at") or gap.get("detected_at")
+    at = (
+        f" at {datetime.fromtimestamp(float(when)).astimezone().isoformat(timespec='seconds')}"
+        if when
+        else ""
+    )
+    return (
+        f"{what}{at}: after {gap.get('from_lsn') or 'the oldest row'} up to "
+        f"{gap.get('to_lsn') or '?'}, {gap.get('rows', 0)} events re-published"
+        f" ({gap.get('reason')})"
+    )
+
+
 def slot_status(url: str, slot: str) -> dict[str, Any]:
     with psycopg.connect(_pg_dsn(url), autocommit=True) as conn:
         row = conn.execute(
@@ -137,9 +158,13 @@ def slot_status(url: str, slot: str) -> dict[str, Any]:
             delivered = {"lsn": d[0], "updated_at": d[1]} if d else None
         except psycopg.errors.UndefinedTable:
             pass
+        from outbox_cdc.sources.slot_gap import read_marker
+
+        gap = read_marker(conn, slot)
     if row is None:
-        return {"slot": slot, "exists": False}
+        return {"slot": slot, "exists": False, "slot_gap": gap, "recorded_delivered": delivered}
     return {
+        "slot_gap": gap,
         "slot": slot,
         "exists": True,
         "plugin": row[0],

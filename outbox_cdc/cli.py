@@ -392,8 +392,20 @@ def status(
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
+    from outbox_cdc.admin import describe_gap
+
+    gap = info.get("slot_gap")
     if not info["exists"]:
-        click.echo(f"slot {slot}: does not exist (outbox-cdc init creates it)")
+        if gap is not None and gap.get("state") in ("creating", "backfilling"):
+            click.echo(f"slot {slot}: {describe_gap(gap)}")
+        elif info.get("recorded_delivered") is not None or gap is not None:
+            click.echo(
+                f"slot {slot}: does not exist, but events were delivered through it: the "
+                "relay recreates it over the gap and re-publishes the gap (or run "
+                "'outbox-cdc recover')"
+            )
+        else:
+            click.echo(f"slot {slot}: does not exist (outbox-cdc init creates it)")
         sys.exit(EXIT_FATAL)
     proc = info["active_process"]
     rows = [
@@ -411,6 +423,8 @@ def status(
         ("retained WAL", f"{info['retained_wal_bytes']} bytes"),
         ("recorded delivered", (info["recorded_delivered"] or {}).get("lsn", "none")),
     ]
+    if gap is not None:
+        rows.append(("slot gap", describe_gap(gap)))
     for name, value in rows:
         click.echo(f"{name:>18}: {value}")
 

@@ -210,12 +210,6 @@ def open_gap(
                 txid=_has_txid(conn, table) if _table_exists(conn, table) else False,
             )
             _write_marker(conn, slot, marker)
-            log.warning(
-                "replication slot %s recreated at %s over a gap from %s; re-publishing it",
-                slot,
-                to_lsn,
-                marker.get("from_lsn"),
-            )
         keep = True
         return Backfill(conn, slot, table, marker, margin, page_size)
     except psycopg.Error as exc:
