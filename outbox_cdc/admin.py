@@ -72,7 +72,16 @@ def init(
                 row = conn.execute(
                     "SELECT plugin FROM pg_replication_slots WHERE slot_name = %s", (slot,)
                 ).fetchone()
-                if row is None:
+                from outbox_cdc.sources.slot_gap import gap_reason
+
+                gap = gap_reason(conn, slot, table, "missing") if row is None else None
+                if gap is not None:
+                    # Creating it here would let the relay stream past the gap's events.
+                    done.append(
+                        f"slot {slot}: not created: {gap}; the relay recreates it and "
+                        "re-publishes the gap (recover_lost_slot), or run 'outbox-cdc recover'"
+                    )
+                elif row is None:
                     lsn = create_slot(conn, slot)
                     done.append(f"slot {slot}: created (wal2json) at {lsn}")
                 elif row[0] != "wal2json":

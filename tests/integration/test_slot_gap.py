@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 from outbox_cdc import Outbox
+from outbox_cdc.admin import init
 from outbox_cdc.errors import SourceInUseError
 from outbox_cdc.events import OutboxEvent
 from outbox_cdc.protocol.lsn import parse_lsn
@@ -139,6 +140,16 @@ def test_a_first_start_is_not_a_gap_and_automatic_recovery_off_refuses_one(
     write(postgres_url, outbox_table, 2, "a")
     with pytest.raises(slot_gap.SlotGapError, match="may never have been published"):
         open_(False)
+    # 'outbox-cdc init' does not create the slot over a gap either
+    done = init(postgres_url, outbox_table, replication_slot)
+    assert any("not created" in line for line in done), done
+    with connect(postgres_url) as conn:
+        assert (
+            conn.execute(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (replication_slot,)
+            ).fetchone()
+            is None
+        )
     bf = open_(True)  # rows without a recorded position: all of them are published
     assert bf is not None
     try:
