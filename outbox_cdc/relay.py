@@ -313,8 +313,11 @@ class Relay:
             tracker.in_transaction and time.monotonic() < self._stop_deadline
         ):
             self._drain_completions()
+            # acknowledged events behind an unacknowledged one count too: the limit bounds
+            # what a restart from the confirmed position sends again (AckTracker.window)
+            window = tracker.window
             full = (
-                tracker.in_flight >= opts.max_in_flight_events
+                window >= opts.max_in_flight_events
                 or self._in_flight_bytes >= opts.max_in_flight_bytes
             )
             if full:
@@ -324,7 +327,7 @@ class Relay:
                 self._wait_for_wake(0.5)
                 continue
             # never read more events than the in-flight limit still allows
-            room = min(opts.read_batch, opts.max_in_flight_events - tracker.in_flight)
+            room = min(opts.read_batch, opts.max_in_flight_events - window)
             items = source.read(1.0, wake_fd, room)
             commit_time = self._commit_time
             for item in items:

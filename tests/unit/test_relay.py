@@ -344,3 +344,38 @@ def test_an_acknowledgment_during_the_wake_drain_is_not_lost() -> None:
     relay._wake()  # the next acknowledgment
     readable, _, _ = select.select([real], [], [], 0)
     assert readable, "the wake-up byte of the next acknowledgment was never sent"
+
+
+def test_acknowledged_events_behind_a_stuck_one_stop_reading_at_the_in_flight_limit() -> None:
+    """One record never acknowledged (a partition that no longer exists), every later one
+    acknowledged: reading stops once the events since the confirmed position reach the limit,
+    so a restart sends at most that many again."""
+
+    class OneStuck(MemorySink):
+        def send(self, record: KafkaRecord, on_done: object) -> None:
+            if record.value == b"1":
+                return  # never acknowledged
+            super().send(record, on_done)  # type: ignore[arg-type]
+
+    sink = OneStuck()
+    items: list[Item] = []
+    for n in range(1, 101):
+        items += txn(n * 10, n)
+    source = FakeSource(items)
+    source.stop_when_drained = False
+    relay = Relay(source, lambda: sink, RelayOptions(max_in_flight_events=10, shutdown_timeout=0.2))
+    t = threading.Thread(target=relay.run, daemon=True)
+    t.start()
+    threading.Event().wait(0.5)
+    relay.stop()
+    t.join(5)
+    assert len(sink.records) == 9  # events 2..10: 10 unconfirmed with the stuck one
+    assert source.confirmed == 0
+
+
+def test_a_transaction_larger_than_the_in_flight_limit_still_flows() -> None:
+    sink = MemorySink()
+    source = FakeSource([BEGIN, *(event(n) for n in range(1, 51)), Commit(500), *txn(510, 51)])
+    run(source, lambda: sink, max_in_flight_events=5)
+    assert payloads(sink.records) == [str(n).encode() for n in range(1, 52)]
+    assert source.confirmed == 510
