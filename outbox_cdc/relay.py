@@ -14,6 +14,7 @@ import collections
 import contextlib
 import logging
 import queue
+import random
 import socket
 import threading
 import time
@@ -40,6 +41,7 @@ from outbox_cdc.sources.base import Begin, Commit, Item, Source
 
 log = logging.getLogger(__name__)
 _REFUSED_MEMORY = 10_000  # refused event ids remembered (see Relay._refused)
+REMINDER_INTERVAL = 60.0  # seconds between two lines about the same unresolved failure
 
 
 class RelayObserver(Protocol):
@@ -106,11 +108,14 @@ class RelayOptions:
 
 
 class _Backoff:
+    """Doubles up to ``maximum``, with jitter (each delay 75-100 % of the nominal one, so
+    relays restarted together do not retry in step); reset only after real progress."""
+
     def __init__(self, initial: float, maximum: float) -> None:
         self.initial, self.maximum, self.current = initial, maximum, initial
 
     def next(self) -> float:
-        delay = self.current
+        delay = self.current * random.uniform(0.75, 1.0)
         self.current = min(self.maximum, self.current * 2)
         return delay
 
@@ -175,6 +180,14 @@ class Relay:
             collections.OrderedDict()
         )
         self._state = ""
+        self._backoff = _Backoff(self.options.backoff_initial, self.options.backoff_max)
+        # The failure being retried, until real progress (the confirmed position moves): its
+        # first line, its reconnect, then one reminder a minute, instead of a line per retry.
+        self._streak: str | None = None
+        self._streak_since = 0.0
+        self._streak_logged = 0.0
+        self._streak_reconnected = 0  # successful reconnects during the streak
+        self._repeated: dict[str, float] = {}  # repeated error lines: when each last went out
         self._stop_deadline = 0.0  # set by stop(): reading the open transaction, then draining
         self._commit_time: float | None = None  # of the transaction being read
         self.loop_time = time.monotonic()  # last pass of the loop: liveness for /healthz
@@ -219,7 +232,7 @@ class Relay:
 
     def run(self) -> None:
         """Raises a non-retriable OutboxError; returns after a requested stop."""
-        backoff = _Backoff(self.options.backoff_initial, self.options.backoff_max)
+        backoff = self._backoff
         try:
             while not self._stopping.is_set():
                 try:
@@ -250,13 +263,12 @@ class Relay:
                         what = (
                             "" if str(exc).startswith(name) else f"{name}: "
                         ) + "%s; delivered up to %s; reconnecting with backoff (at most %.0fs)"
-                    self._set_state(
+                    self._failing(
                         f"failing:{type(exc).__name__}",
-                        what,
                         exc,
+                        what,
                         self.source.describe(max(self.tracker.confirmed, self.delivered)),
                         self.options.backoff_max,
-                        level=logging.ERROR,
                     )
                     self._abandon(
                         keep_sink=isinstance(exc, SourceError)
@@ -267,6 +279,64 @@ class Relay:
                     self._sleep(delay)
         finally:
             self._shutdown()
+
+    def _failing(self, state: str, exc: OutboxError, message: str, *args: object) -> None:
+        """One ERROR line when a failure starts (or changes); while the same failure repeats
+        without progress in between, one reminder a minute."""
+        now = time.monotonic()
+        if self._streak != state:
+            self._streak, self._streak_since, self._streak_logged = state, now, now
+            self._streak_reconnected = 0
+            self._state = ""  # a new failure: always its line
+            self._set_state(state, message, exc, *args, level=logging.ERROR)
+            return
+        self._state = state
+        self.observer.state(state)
+        if now - self._streak_logged >= REMINDER_INTERVAL:
+            self._streak_logged = now
+            log.error(
+                "still failing after %.0fs: %s; retrying with backoff (at most %.0fs)",
+                now - self._streak_since,
+                exc,
+                self.options.backoff_max,
+            )
+
+    def _connected(self, message: str, *args: object) -> None:
+        """The source is open: "streaming" (its line once per failure streak)."""
+        if self._streak is not None and self._streak_reconnected:
+            log.debug(message + " (again, %s not resolved yet)", *args, self._streak)
+            self._state = "streaming"
+            self.observer.state("streaming")
+        else:
+            self._set_state("streaming", message, *args)
+        if self._streak is not None:
+            self._streak_reconnected += 1
+
+    def _progressed(self) -> None:
+        """The confirmed position moved: real progress, the backoff starts over."""
+        self._backoff.reset()
+        if self._repeated:
+            self._repeated.clear()
+        if self._streak is not None:
+            if self._streak_reconnected > 1:  # the reconnects after the first were quiet
+                log.info(
+                    "delivering again after %.0fs of failures (%s, %d reconnects)",
+                    time.monotonic() - self._streak_since,
+                    self._streak.split(":", 1)[-1],
+                    self._streak_reconnected,
+                )
+            self._streak = None
+
+    def _log_repeating(self, key: str, message: str, *args: object) -> None:
+        """An ERROR line that a retry loop would repeat (a dead letter sent again after each
+        pipeline restart): once, then at most once a minute until progress."""
+        now = time.monotonic()
+        last = self._repeated.get(key)
+        if last is None or now - last >= REMINDER_INTERVAL:
+            self._repeated[key] = now
+            log.error(message + ("" if last is None else " (again)"), *args)
+        else:
+            log.debug(message, *args)
 
     def _sleep(self, seconds: float) -> None:
         """Wait (backoff, standby), staying visibly alive for /healthz."""
@@ -289,8 +359,7 @@ class Relay:
         self._generation += 1
         self._in_flight_bytes = 0
         self._unackable = 0
-        self._set_state("streaming", "streaming from %s", self.source.describe(start))
-        backoff.reset()
+        self._connected("streaming from %s", self.source.describe(start))
         self._pump()
 
     def _pump(self) -> None:
@@ -305,6 +374,7 @@ class Relay:
         send = self._send
         observer = self.observer
         monotonic = time.monotonic
+        progress_at = tracker.confirmed
 
         # After stop(), read on to the end of a partly read transaction (bounded by the
         # shutdown timeout): its events delivered so far become confirmable, instead of being
@@ -366,6 +436,9 @@ class Relay:
             self._drain_wake()
             self._drain_completions()
             source.confirm(tracker.confirmed, tracker.delivered)
+            if tracker.confirmed != progress_at:
+                progress_at = tracker.confirmed
+                self._progressed()
             if tracker.in_flight:
                 self._check_stalled()
             else:
@@ -403,13 +476,11 @@ class Relay:
         self._generation += 1
         self._in_flight_bytes = 0
         self._unackable = 0
-        self._set_state(
-            "streaming",
+        self._connected(
             "streaming from %s, exactly once (last committed progress: %s)",
             source.describe(start),
             "none" if recorded is None else source.describe(recorded),
         )
-        backoff.reset()
         self._pump_transactional(key)
 
     def _pump_transactional(self, key: str) -> None:
@@ -506,6 +577,7 @@ class Relay:
             self.delivered = max(self.delivered, last_end)
             self.tracker.idle(last_end)
             source.confirm(self.tracker.confirmed, self.delivered)
+            self._progressed()
             if self._stopping.is_set() and not leftover:
                 return
 
@@ -528,7 +600,12 @@ class Relay:
         self.observer.error("undecodable")
         if not topic:
             raise PoisonEventError(f"{err}. {POISON_ADVICE}")
-        log.error("%s; sending it to dead-letter topic %s", err, topic)
+        self._log_repeating(
+            f"undecodable:{err.event_id}:{err}",
+            "%s; sending it to dead-letter topic %s",
+            err,
+            topic,
+        )
         return KafkaRecord(
             topic=topic,
             key=None,
@@ -614,8 +691,11 @@ class Relay:
         if isinstance(exc, PermanentDeliveryError):
             self.observer.error("rejected")
             if self.options.dead_letter_topic and c.record.topic != self.options.dead_letter_topic:
-                log.error(
-                    "%s; sending it to dead-letter topic %s", exc, self.options.dead_letter_topic
+                self._log_repeating(
+                    f"refused:{c.record.event_id}",
+                    "%s; sending it to dead-letter topic %s",
+                    exc,
+                    self.options.dead_letter_topic,
                 )
                 if c.record.event_id:
                     self._refused[c.record.event_id] = exc

@@ -379,3 +379,100 @@ def test_a_transaction_larger_than_the_in_flight_limit_still_flows() -> None:
     run(source, lambda: sink, max_in_flight_events=5)
     assert payloads(sink.records) == [str(n).encode() for n in range(1, 52)]
     assert source.confirmed == 510
+
+
+class FailingReads(FakeSource):
+    """Opens fine, then every read fails (privileges revoked) ``failures`` times."""
+
+    def __init__(self, items: list[Item], failures: int) -> None:
+        super().__init__(items)
+        self.failures = failures
+
+    def read(self, timeout: float, wake_fd: int, max_items: int) -> list[Item]:
+        if self.failures:
+            self.failures -= 1
+            raise SourceError("FakeDB: permission denied for table outbox")
+        return super().read(timeout, wake_fd, max_items)
+
+
+def test_a_failure_right_after_connecting_backs_off_further_and_logs_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backoff is not reset by a successful connect, only by progress; the log has one
+    ERROR line, one "streaming from" for the first reconnect, a reminder a minute, and one
+    line when delivery resumes."""
+    import outbox_cdc.relay as relay_module
+
+    monkeypatch.setattr(relay_module, "REMINDER_INTERVAL", 0.05)
+    sink = MemorySink()
+    source = FailingReads(txn(10, 1) + txn(20, 2), failures=7)
+    relay = Relay(
+        source,
+        lambda: sink,
+        RelayOptions(backoff_initial=0.001, backoff_max=0.064, standby_poll_interval=0.01),
+    )
+    source.relay = relay
+    delays: list[float] = []
+    real_sleep = relay._sleep
+
+    def sleep(seconds: float) -> None:
+        delays.append(seconds)
+        real_sleep(seconds)
+
+    relay._sleep = sleep  # type: ignore[method-assign]
+    with caplog.at_level("DEBUG", logger="outbox_cdc.relay"):
+        relay.run()
+    assert len(delays) == 7
+    nominal = [0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064]
+    for delay, expected in zip(delays, nominal, strict=True):
+        assert 0.75 * expected <= delay <= expected  # doubling, with jitter
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    errors = [m for level, m in lines if level == "ERROR"]
+    assert errors[0].startswith("FakeDB: permission denied")
+    assert all(m.startswith("still failing after") for m in errors[1:]), errors
+    assert len(errors) <= 4, errors  # the first line and reminders, not one per retry
+    streaming = [m for level, m in lines if level == "INFO" and "streaming from" in m]
+    assert len(streaming) == 2, streaming  # the start, and the first reconnect
+    assert any(level == "INFO" and m.startswith("delivering again after") for level, m in lines)
+    assert payloads(sink.records) == [b"1", b"2"]
+    assert source.confirmed == 20
+
+
+def test_progress_resets_the_backoff() -> None:
+    sink = MemorySink()
+    source = FailingReads(txn(10, 1) + txn(20, 2), failures=3)
+    relay = Relay(source, lambda: sink, RelayOptions(backoff_initial=0.001, backoff_max=1.0))
+    source.relay = relay
+    relay.run()
+    assert source.confirmed == 20
+    assert relay._backoff.current == 0.001
+
+
+def test_a_dead_letter_sent_again_after_each_restart_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An undecodable row (WAL: replayed after every pipeline restart) whose dead letter keeps
+    failing (retriably): its ERROR line once, not once per restart."""
+    sinks: list[MemorySink] = []
+
+    class DeadLetterFails(MemorySink):
+        def send(self, record: KafkaRecord, on_done: object) -> None:
+            if record.topic == "dlq" and len(sinks) < 6:
+                on_done(SinkError("dead-letter topic unavailable"))  # type: ignore[operator]
+                return
+            super().send(record, on_done)  # type: ignore[arg-type]
+
+    def factory() -> MemorySink:
+        sinks.append(DeadLetterFails())
+        return sinks[-1]
+
+    bad = EventDecodeError("headers must be a JSON object", event_id="e-1", lsn="0/14")
+    source = FakeSource([*txn(10, 1), BEGIN, bad, Commit(20), *txn(30, 3)])
+    with caplog.at_level("INFO", logger="outbox_cdc.relay"):
+        run(source, factory, dead_letter_topic="dlq")
+    assert source.confirmed == 30
+    assert len(sinks) == 6
+    dead_letter_lines = [r for r in caplog.records if "sending it to dead-letter" in r.getMessage()]
+    assert len(dead_letter_lines) == 1, [r.getMessage() for r in dead_letter_lines]
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2, [r.getMessage() for r in errors]  # the dead letter, the failure
