@@ -188,6 +188,8 @@ class Relay:
         self._streak_logged = 0.0
         self._streak_reconnected = 0  # successful reconnects during the streak
         self._repeated: dict[str, float] = {}  # repeated error lines: when each last went out
+        self._confirmed_at = 0.0  # monotonic time the confirmed position last moved
+        self._held_logged = 0.0  # last warning that it does not move although Kafka acknowledges
         self._stop_deadline = 0.0  # set by stop(): reading the open transaction, then draining
         self._commit_time: float | None = None  # of the transaction being read
         self.loop_time = time.monotonic()  # last pass of the loop: liveness for /healthz
@@ -314,6 +316,11 @@ class Relay:
 
     def _progressed(self) -> None:
         """The confirmed position moved: real progress, the backoff starts over."""
+        now = time.monotonic()
+        if self._held_logged:
+            self._held_logged = 0.0
+            log.info("the confirmed position moves again after %.0fs", now - self._confirmed_at)
+        self._confirmed_at = now
         self._backoff.reset()
         if self._repeated:
             self._repeated.clear()
@@ -360,6 +367,7 @@ class Relay:
         self._in_flight_bytes = 0
         self._unackable = 0
         self._connected("streaming from %s", self.source.describe(start))
+        self._confirmed_at, self._held_logged = time.monotonic(), 0.0
         self._pump()
 
     def _pump(self) -> None:
@@ -375,6 +383,7 @@ class Relay:
         observer = self.observer
         monotonic = time.monotonic
         progress_at = tracker.confirmed
+        first = False  # the next event is the first of its transaction
 
         # After stop(), read on to the end of a partly read transaction (bounded by the
         # shutdown timeout): its events delivered so far become confirmable, instead of being
@@ -393,6 +402,7 @@ class Relay:
             if full:
                 # Backpressure: stop reading, keep the server connection alive.
                 source.tick()
+                self._check_held()
                 self._check_stalled()
                 self._wait_for_wake(0.5)
                 continue
@@ -410,6 +420,8 @@ class Relay:
                     self._in_flight_bytes += size
                     when = commit_time if commit_time is not None else item.created_at.timestamp()
                     c = _Completion(generation, txn, record, size, when, monotonic())
+                    if first:  # noted for the warning of _check_held
+                        txn.first, first = c, False
                     refused = self._refused.get(record.event_id) if self._refused else None
                     if refused is not None and opts.dead_letter_topic:
                         self._send_dead_letter(c, str(refused), too_large=refused.too_large)
@@ -418,7 +430,7 @@ class Relay:
                 elif kind is Begin:
                     assert isinstance(item, Begin)
                     tracker.begin()
-                    commit_time = item.commit_time
+                    commit_time, first = item.commit_time, True
                 elif kind is Commit:
                     assert isinstance(item, Commit)
                     tracker.commit(item.end)
@@ -440,6 +452,7 @@ class Relay:
                 progress_at = tracker.confirmed
                 self._progressed()
             if tracker.in_flight:
+                self._check_held()
                 self._check_stalled()
             else:
                 self._waiting_since = 0.0
@@ -496,8 +509,12 @@ class Relay:
         leftover: list[Item] = []
         commit_time: float | None = None
 
+        acked = [0]  # records Kafka acknowledged (only written by the client's IO thread)
+
         def on_done(exc: BaseException | None) -> None:
-            if exc is not None:
+            if exc is None:
+                acked[0] += 1
+            else:
                 errors.append(exc)
                 self._wake()
 
@@ -568,7 +585,9 @@ class Relay:
                 progress_state = getattr(source, "progress_state", None)
                 state = progress_state(last_end) if progress_state is not None else None
                 sink.send(Progress(key, last_end, state).record(opts.progress_topic), on_done)
-                txn_sink.commit_transaction(opts.transaction_timeout)
+                acked[0] -= len(sent) + 1  # < 0 while records of this transaction are pending
+                left = self._await_acks(sink, acked, errors, opts.transaction_timeout)
+                txn_sink.commit_transaction(left)
                 if errors:
                     raise self._transaction_error(errors[0])
                 now = time.monotonic()
@@ -580,6 +599,30 @@ class Relay:
             self._progressed()
             if self._stopping.is_set() and not leftover:
                 return
+
+    def _await_acks(
+        self, sink: Sink, acked: list[int], errors: list[BaseException], timeout: float
+    ) -> float:
+        """Exactly-once mode: flush in slices of a second until Kafka acknowledged the
+        transaction's records (``acked[0]`` back at 0), so that a silent broker gets the same
+        warning as in at-least-once mode. Returns what is left of ``timeout``."""
+        deadline = time.monotonic() + timeout
+        self._waiting_since = 0.0
+        seen = acked[0]
+        while acked[0] < 0 and not errors:
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            sink.flush(min(1.0, deadline - now))
+            self.loop_time = time.monotonic()
+            if acked[0] != seen:
+                seen = acked[0]
+                self._waiting_since = self.loop_time
+                if self._state == "stalled":
+                    self._set_state("streaming", "Kafka acknowledges again")
+            elif acked[0] < 0:
+                self._check_stalled(-acked[0])
+        return max(1.0, deadline - time.monotonic())
 
     def _transaction_error(self, exc: BaseException) -> OutboxError:
         if isinstance(exc, PermanentDeliveryError):
@@ -614,22 +657,74 @@ class Relay:
             event_id=err.event_id or "",
         )
 
-    def _check_stalled(self) -> None:
+    def _check_stalled(self, waiting: int | None = None) -> None:
         """Say so (once) when the broker has acknowledged nothing for a while: the client
-        keeps retrying silently until its delivery timeout, which can be minutes."""
+        keeps retrying silently until its delivery timeout, which can be minutes.
+        ``waiting``: the records waiting (default: the tracker's events in flight)."""
         now = time.monotonic()
         if not self._waiting_since:
             self._waiting_since = now
-        elif now - self._waiting_since >= self.options.stall_warning and self._state == "streaming":
+        elif (
+            now - self._waiting_since >= self.options.stall_warning
+            and self._state == "streaming"
+            and not self._held_logged  # _check_held named the record it waits for
+        ):
             self._set_state(
                 "stalled",
                 "Kafka has acknowledged nothing for %.0fs; %d events waiting; nothing past %s is "
                 "confirmed; still trying",
                 now - self._waiting_since,
-                self.tracker.in_flight,
+                self.tracker.in_flight if waiting is None else waiting,
                 self.source.describe(self.tracker.confirmed),
                 level=logging.WARNING,
             )
+
+    def _check_held(self) -> None:
+        """Warn (then once a minute) when the confirmed position has not moved for the stall
+        threshold although Kafka acknowledges events: one record holds everything after it
+        back (e.g. for a partition that no longer exists), until the delivery timeout."""
+        now = time.monotonic()
+        waited = now - self._confirmed_at
+        tracker = self.tracker
+        if (
+            waited < self.options.stall_warning
+            or not self._confirmed_at
+            # nothing acknowledged behind the oldest record: "stalled" is the warning then
+            or tracker.unconfirmed <= tracker.in_flight
+            or (self._held_logged and now - self._held_logged < REMINDER_INTERVAL)
+        ):
+            return
+        self._held_logged = now
+        log.warning(
+            "the confirmed position has not moved for %.0fs although Kafka acknowledges "
+            "events: %d events (%d acknowledged) wait behind the oldest unacknowledged record "
+            "(%s); nothing past %s is confirmed; reading stops at max_in_flight_events (%d)",
+            waited,
+            tracker.unconfirmed,
+            tracker.unconfirmed - tracker.in_flight,
+            self._oldest_unacknowledged(now),
+            self.source.describe(tracker.confirmed),
+            self.options.max_in_flight_events,
+        )
+
+    def _oldest_unacknowledged(self, now: float) -> str:
+        """Topic, partition (from the client, when it tells) or key, and age of the record
+        confirmation waits for."""
+        probe = getattr(self.sink, "oldest_unacknowledged", None)
+        found = probe() if probe is not None else None
+        if found is not None:
+            topic, partition, age = found
+            return f"topic {topic}, partition {partition}, sent {age:.0f}s ago"
+        txn = self.tracker.oldest_unconfirmed
+        c = txn.first if txn is not None else None
+        if not isinstance(c, _Completion):
+            return "unknown"
+        key = c.record.key.decode(errors="replace") if c.record.key is not None else None
+        return (
+            f"topic {c.record.topic}, key {key!r}, sent {now - c.sent_at:.0f}s ago: the first "
+            f"of its transaction, {txn.pending if txn else 0} of whose "
+            f"{txn.events if txn else 0} events are unacknowledged"
+        )
 
     def _wait_for_wake(self, timeout: float) -> None:
         import select

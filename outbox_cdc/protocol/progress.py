@@ -32,12 +32,13 @@ from collections import deque
 class Transaction:
     """One source transaction in flight. ``pending`` counts events not yet acknowledged."""
 
-    __slots__ = ("end", "events", "pending")
+    __slots__ = ("end", "events", "first", "pending")
 
     def __init__(self) -> None:
         self.end = -1  # position once committed; -1 while the transaction is still open
         self.pending = 0
         self.events = 0
+        self.first: object = None  # the caller's note of its first event (for log lines)
 
 
 class AckTracker:

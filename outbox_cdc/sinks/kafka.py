@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -320,6 +321,20 @@ class KafkaSink:
                 on_done(classify(exc, record))
         finally:
             self._resolved()
+
+    def oldest_unacknowledged(self) -> tuple[str, int, float] | None:
+        """Topic, partition and age (seconds) of the oldest batch the broker has not
+        acknowledged, from kafka-python's accumulator (for a warning: never on the hot path);
+        None when nothing is pending or the client does not tell."""
+        try:
+            batches = self._producer._accumulator._incomplete.all()
+            if not batches:
+                return None
+            oldest = min(batches, key=lambda b: b.created)
+            tp = oldest.topic_partition
+            return str(tp.topic), int(tp.partition), time.monotonic() - float(oldest.created)
+        except Exception:  # internals of another kafka-python version: say nothing
+            return None
 
     # -- transactions (exactly-once mode) -------------------------------------------------------
 

@@ -476,3 +476,102 @@ def test_a_dead_letter_sent_again_after_each_restart_is_logged_once(
     assert len(dead_letter_lines) == 1, [r.getMessage() for r in dead_letter_lines]
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 2, [r.getMessage() for r in errors]  # the dead letter, the failure
+
+
+def test_a_record_holding_the_confirmed_position_back_is_named_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Kafka acknowledges everything but one record: a warning names it (topic, key, age)
+    after the stall threshold, once, and the recovery has one line too."""
+
+    class OneStuck(MemorySink):
+        def send(self, record: KafkaRecord, on_done: object) -> None:
+            if record.value == b"1":
+                self.stuck = on_done
+                return
+            super().send(record, on_done)  # type: ignore[arg-type]
+
+    sink = OneStuck()
+    items: list[Item] = []
+    for n in range(1, 31):
+        items += txn(n * 10, n)
+    source = FakeSource(items)
+    source.stop_when_drained = False
+    relay = Relay(
+        source,
+        lambda: sink,
+        RelayOptions(max_in_flight_events=20, stall_warning=0.3, shutdown_timeout=1),
+    )
+    t = threading.Thread(target=relay.run, daemon=True)
+    with caplog.at_level("INFO", logger="outbox_cdc.relay"):
+        t.start()
+        threading.Event().wait(1.2)
+        sink.stuck(None)
+        threading.Event().wait(0.5)
+        relay.stop()
+        t.join(5)
+    held = [r for r in caplog.records if "has not moved" in r.getMessage()]
+    assert len(held) == 1, [r.getMessage() for r in held]
+    assert held[0].levelname == "WARNING"
+    message = held[0].getMessage()
+    assert "20 events (19 acknowledged)" in message, message
+    assert "topic t, key 'k', sent" in message, message
+    assert not any("acknowledged nothing" in r.getMessage() for r in caplog.records)
+    assert any("moves again" in r.getMessage() for r in caplog.records)
+    assert source.confirmed == 300
+
+
+def test_exactly_once_warns_when_kafka_acknowledges_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The at-least-once warning, in exactly-once mode: the Kafka transaction's records wait
+    (a broker outage) while the relay flushes before committing."""
+
+    class TransactionalMemorySink(MemorySink):
+        def begin_transaction(self) -> None:
+            pass
+
+        def commit_transaction(self, timeout: float) -> None:
+            if self.pending:
+                raise SinkError("not acknowledged")
+
+        def abort_transaction(self) -> None:
+            pass
+
+        def flush(self, timeout: float) -> None:
+            if self.auto_ack:
+                self.complete()
+            else:
+                threading.Event().wait(min(timeout, 0.05))
+
+    sink = TransactionalMemorySink(auto_ack=False)
+    source = FakeSource(txn(10, 1) + txn(20, 2))
+    source.stop_when_drained = False
+    source.check_available = lambda: None  # type: ignore[attr-defined]
+    source.progress_key = lambda: "fake"  # type: ignore[attr-defined]
+
+    class Store:
+        def load(self, key: str) -> None:
+            return None
+
+    relay = Relay(
+        source,
+        lambda: sink,
+        RelayOptions(exactly_once=True, stall_warning=0.5, transaction_timeout=30),
+        progress_store=Store(),
+    )
+    t = threading.Thread(target=relay.run, daemon=True)
+    with caplog.at_level("INFO", logger="outbox_cdc.relay"):
+        t.start()
+        threading.Event().wait(2.5)
+        assert source.confirmed == 0
+        sink.auto_ack = True
+        sink.complete()
+        threading.Event().wait(1.5)
+        relay.stop()
+        t.join(10)
+    stalled = [r for r in caplog.records if "acknowledged nothing" in r.getMessage()]
+    assert len(stalled) == 1, [r.getMessage() for r in caplog.records]
+    assert stalled[0].levelname == "WARNING"
+    assert any("acknowledges again" in r.getMessage() for r in caplog.records)
+    assert source.confirmed == 20
