@@ -16,18 +16,26 @@ from __future__ import annotations
 import signal
 import threading
 import time
+import uuid
+from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+import psycopg
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError
 
+from tests.acceptance.conftest import POSTGRES
 from tests.acceptance.faults import Relays
 from tests.acceptance.harness import (
+    Arrivals,
+    Database,
     LoadGenerator,
     check,
     ensure_topic,
+    read_topic,
     report,
     wait_until,
 )
@@ -262,3 +270,85 @@ def test_topic_deleted_under_load_stops_the_relay_and_a_restart_after_the_fix_lo
         tail.stop()
         relay.kill()
         delete_topic(kafka_bootstrap, topic)
+
+
+@pytest.mark.parametrize("polling_backend", [POSTGRES], indirect=True)
+def test_privileges_revoked_from_the_polling_role_for_30s_log_a_few_lines_and_lose_nothing(
+    polling_relays: Relays,
+    polling_db: Database,
+    polling_table: str,
+    postgres_admin_url: str,
+    kafka_bootstrap: str,
+    topic: str,
+    unique_name: Callable[[str], str],
+) -> None:
+    """The polling relay (PostgreSQL, its own role with the documented grants) under 200
+    events/s; an operator revokes the role's privileges on the outbox table for 30 s, then
+    grants them back. Every poll fails meanwhile (permission denied): the relay retries with a
+    growing backoff and logs the failure once (its first reconnect once, a reminder a minute),
+    not twice a second; after the grant it delivers everything, nothing lost, in key order."""
+    t0 = time.monotonic()
+    role, password = unique_name("poller"), uuid.uuid4().hex
+    grant = f"GRANT SELECT, DELETE, UPDATE (published_at) ON {polling_table} TO {role}"
+    revoke = f"REVOKE SELECT, DELETE, UPDATE ON {polling_table} FROM {role}"
+    with psycopg.connect(postgres_admin_url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+        conn.execute(grant)
+    u = urlsplit(polling_db.url)
+    url = urlunsplit(
+        (u.scheme, f"{role}:{password}@{u.hostname}:{u.port}", u.path, u.query, u.fragment)
+    )
+    relay = polling_relays(database_url=url, poll_batch_size=500)
+    arrivals = Arrivals(kafka_bootstrap, topic)
+    try:
+        relay.start()
+        relay.wait_streaming()
+        arrivals.start()
+        load = LoadGenerator(
+            polling_db, polling_table, topic, events=200 * 45, keys=200, threads=4, rate=200
+        ).start()
+        load.wait_written(200 * 3, timeout=30)
+        with psycopg.connect(postgres_admin_url, autocommit=True) as conn:
+            conn.execute(revoke)
+        revoked_at = time.monotonic()
+        log_before = len(relay.log_text())
+        time.sleep(30)
+        with psycopg.connect(postgres_admin_url, autocommit=True) as conn:
+            conn.execute(grant)
+        granted_at, revoked_for = time.time(), time.monotonic() - revoked_at
+        during = relay.log_text()[log_before:]
+        error_lines = [line for line in during.splitlines() if " ERROR " in line]
+        result = load.join(timeout=120)
+        records = read_topic(
+            kafka_bootstrap, topic, expect_ids=result.committed, timeout=90, settle=2
+        )
+        res = check(records, result)
+        before_grant = [w for w in result.committed.values() if w.written_at < granted_at]
+        recovered = arrivals.recovered_after(granted_at, before_grant, timeout=60)
+        report(
+            "polling (PostgreSQL): privileges revoked 30s",
+            committed=len(result.committed),
+            revoked_s=f"{revoked_for:.1f}",
+            error_lines_while_revoked=len(error_lines),
+            lines_while_revoked=len(during.splitlines()),
+            duplicates=res.duplicates,
+            recovered_after_grant_s=None if recovered is None else f"{recovered:.1f}",
+            total_s=f"{time.monotonic() - t0:.1f}",
+            first_error=error_lines[0][:160] if error_lines else None,
+            log_while_revoked=[line[11:23] + line[23:110] for line in during.splitlines()],
+            check=res.summary(),
+        )
+        assert relay.running, relay.log_text()
+        assert error_lines and "permission denied" in error_lines[0], during
+        assert len(error_lines) <= 6, "\n".join(error_lines)
+        assert len(during.splitlines()) <= 12, during
+        res.assert_complete()
+        assert res.duplicates <= 500, res.summary()
+        # the backoff may have reached its maximum (30 s) just before the grant
+        assert recovered is not None and recovered < 40, recovered
+    finally:
+        arrivals.stop()
+        relay.kill()
+        with psycopg.connect(postgres_admin_url, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
