@@ -686,12 +686,18 @@ class Relay:
         now = time.monotonic()
         waited = now - self._confirmed_at
         tracker = self.tracker
+        behind = tracker.unconfirmed - tracker.in_flight  # acknowledged, not confirmed
         if (
             waited < self.options.stall_warning
             or not self._confirmed_at
-            # nothing acknowledged behind the oldest record: "stalled" is the warning then
-            or tracker.unconfirmed <= tracker.in_flight
             or (self._held_logged and now - self._held_logged < REMINDER_INTERVAL)
+            # a broker outage (nothing acknowledged lately, and fewer events acknowledged
+            # than waiting since the confirmed position) is _check_stalled's warning
+            or behind <= 0
+            or (
+                now - self._waiting_since >= self.options.stall_warning / 2
+                and behind < tracker.in_flight
+            )
         ):
             return
         self._held_logged = now
@@ -701,7 +707,7 @@ class Relay:
             "(%s); nothing past %s is confirmed; reading stops at max_in_flight_events (%d)",
             waited,
             tracker.unconfirmed,
-            tracker.unconfirmed - tracker.in_flight,
+            behind,
             self._oldest_unacknowledged(now),
             self.source.describe(tracker.confirmed),
             self.options.max_in_flight_events,

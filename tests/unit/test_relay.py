@@ -575,3 +575,31 @@ def test_exactly_once_warns_when_kafka_acknowledges_nothing(
     assert stalled[0].levelname == "WARNING"
     assert any("acknowledges again" in r.getMessage() for r in caplog.records)
     assert source.confirmed == 20
+
+
+def test_a_broker_outage_with_a_few_acknowledged_events_is_still_a_silent_broker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The outage began in the middle of a transaction (its first event acknowledged): that is
+    "Kafka has acknowledged nothing", not one record holding the others back."""
+
+    class AcksFirstOnly(StuckSink):
+        def send(self, record: KafkaRecord, on_done: object) -> None:
+            if record.value == b"1":
+                on_done(None)  # type: ignore[operator]
+                return
+            super().send(record, on_done)  # type: ignore[arg-type]
+
+    sink = AcksFirstOnly(auto_ack=False)
+    source = FakeSource(txn(10, 1, 2) + txn(20, 3) + txn(30, 4) + txn(40, 5))
+    source.stop_when_drained = False
+    relay = Relay(source, lambda: sink, RelayOptions(stall_warning=0.3, shutdown_timeout=0.5))
+    t = threading.Thread(target=relay.run, daemon=True)
+    with caplog.at_level("INFO", logger="outbox_cdc.relay"):
+        t.start()
+        threading.Event().wait(1.0)
+        relay.stop()
+        t.join(5)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("acknowledged nothing" in m and "4 events waiting" in m for m in messages), messages
+    assert not any("has not moved" in m for m in messages), messages
