@@ -100,6 +100,15 @@ class SinkError(OutboxError):
     retriable = True
 
 
+class TopicChangedError(SinkError):
+    """A topic the relay publishes to disappeared, or has fewer partitions than the relay saw
+    (deleted, and perhaps re-created by the broker's auto-create with its default count).
+    Waiting cannot fix it: records for the lost partitions are never acknowledged and keys
+    would map to other partitions; the message says what to do."""
+
+    retriable = False
+
+
 class ProducerFencedError(SinkError):
     """Another relay took over the Kafka transactional id (exactly-once mode): this one is a
     zombie and must stop producing; it waits as a standby."""

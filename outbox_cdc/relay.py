@@ -14,6 +14,7 @@ import collections
 import contextlib
 import logging
 import queue
+import random
 import socket
 import threading
 import time
@@ -40,6 +41,7 @@ from outbox_cdc.sources.base import Begin, Commit, Item, Source
 
 log = logging.getLogger(__name__)
 _REFUSED_MEMORY = 10_000  # refused event ids remembered (see Relay._refused)
+REMINDER_INTERVAL = 60.0  # seconds between two lines about the same unresolved failure
 
 
 class RelayObserver(Protocol):
@@ -118,11 +120,14 @@ class RelayOptions:
 
 
 class _Backoff:
+    """Doubles up to ``maximum``, with jitter (each delay 75-100 % of the nominal one, so
+    relays restarted together do not retry in step); reset only after real progress."""
+
     def __init__(self, initial: float, maximum: float) -> None:
         self.initial, self.maximum, self.current = initial, maximum, initial
 
     def next(self) -> float:
-        delay = self.current
+        delay = self.current * random.uniform(0.75, 1.0)
         self.current = min(self.maximum, self.current * 2)
         return delay
 
@@ -187,6 +192,16 @@ class Relay:
             collections.OrderedDict()
         )
         self._state = ""
+        self._backoff = _Backoff(self.options.backoff_initial, self.options.backoff_max)
+        # The failure being retried, until real progress (the confirmed position moves): its
+        # first line, its reconnect, then one reminder a minute, instead of a line per retry.
+        self._streak: str | None = None
+        self._streak_since = 0.0
+        self._streak_logged = 0.0
+        self._streak_reconnected = 0  # successful reconnects during the streak
+        self._repeated: dict[str, float] = {}  # repeated error lines: when each last went out
+        self._confirmed_at = 0.0  # monotonic time the confirmed position last moved
+        self._held_logged = 0.0  # last warning that it does not move although Kafka acknowledges
         self._stop_deadline = 0.0  # set by stop(): reading the open transaction, then draining
         self._commit_time: float | None = None  # of the transaction being read
         self.loop_time = time.monotonic()  # last pass of the loop: liveness for /healthz
@@ -231,7 +246,7 @@ class Relay:
 
     def run(self) -> None:
         """Raises a non-retriable OutboxError; returns after a requested stop."""
-        backoff = _Backoff(self.options.backoff_initial, self.options.backoff_max)
+        backoff = self._backoff
         try:
             while not self._stopping.is_set():
                 try:
@@ -262,13 +277,12 @@ class Relay:
                         what = (
                             "" if str(exc).startswith(name) else f"{name}: "
                         ) + "%s; delivered up to %s; reconnecting with backoff (at most %.0fs)"
-                    self._set_state(
+                    self._failing(
                         f"failing:{type(exc).__name__}",
-                        what,
                         exc,
+                        what,
                         self.source.describe(max(self.tracker.confirmed, self.delivered)),
                         self.options.backoff_max,
-                        level=logging.ERROR,
                     )
                     self._abandon(
                         keep_sink=isinstance(exc, SourceError)
@@ -279,6 +293,69 @@ class Relay:
                     self._sleep(delay)
         finally:
             self._shutdown()
+
+    def _failing(self, state: str, exc: OutboxError, message: str, *args: object) -> None:
+        """One ERROR line when a failure starts (or changes); while the same failure repeats
+        without progress in between, one reminder a minute."""
+        now = time.monotonic()
+        if self._streak != state:
+            self._streak, self._streak_since, self._streak_logged = state, now, now
+            self._streak_reconnected = 0
+            self._state = ""  # a new failure: always its line
+            self._set_state(state, message, exc, *args, level=logging.ERROR)
+            return
+        self._state = state
+        self.observer.state(state)
+        if now - self._streak_logged >= REMINDER_INTERVAL:
+            self._streak_logged = now
+            log.error(
+                "still failing after %.0fs: %s; retrying with backoff (at most %.0fs)",
+                now - self._streak_since,
+                exc,
+                self.options.backoff_max,
+            )
+
+    def _connected(self, message: str, *args: object) -> None:
+        """The source is open: "streaming" (its line once per failure streak)."""
+        if self._streak is not None and self._streak_reconnected:
+            log.debug(message + " (again, %s not resolved yet)", *args, self._streak)
+            self._state = "streaming"
+            self.observer.state("streaming")
+        else:
+            self._set_state("streaming", message, *args)
+        if self._streak is not None:
+            self._streak_reconnected += 1
+
+    def _progressed(self) -> None:
+        """The confirmed position moved: real progress, the backoff starts over."""
+        now = time.monotonic()
+        if self._held_logged:
+            self._held_logged = 0.0
+            log.info("the confirmed position moves again after %.0fs", now - self._confirmed_at)
+        self._confirmed_at = now
+        self._backoff.reset()
+        if self._repeated:
+            self._repeated.clear()
+        if self._streak is not None:
+            if self._streak_reconnected > 1:  # the reconnects after the first were quiet
+                log.info(
+                    "delivering again after %.0fs of failures (%s, %d reconnects)",
+                    time.monotonic() - self._streak_since,
+                    self._streak.split(":", 1)[-1],
+                    self._streak_reconnected,
+                )
+            self._streak = None
+
+    def _log_repeating(self, key: str, message: str, *args: object) -> None:
+        """An ERROR line that a retry loop would repeat (a dead letter sent again after each
+        pipeline restart): once, then at most once a minute until progress."""
+        now = time.monotonic()
+        last = self._repeated.get(key)
+        if last is None or now - last >= REMINDER_INTERVAL:
+            self._repeated[key] = now
+            log.error(message + ("" if last is None else " (again)"), *args)
+        else:
+            log.debug(message, *args)
 
     def _sleep(self, seconds: float) -> None:
         """Wait (backoff, standby), staying visibly alive for /healthz."""
@@ -302,8 +379,8 @@ class Relay:
         self._generation += 1
         self._in_flight_bytes = 0
         self._unackable = 0
-        self._set_state("streaming", "streaming from %s", self.source.describe(start))
-        backoff.reset()
+        self._connected("streaming from %s", self.source.describe(start))
+        self._confirmed_at, self._held_logged = time.monotonic(), 0.0
         self._pump()
 
     def _pump(self) -> None:
@@ -318,6 +395,8 @@ class Relay:
         send = self._send
         observer = self.observer
         monotonic = time.monotonic
+        progress_at = tracker.confirmed
+        first = False  # the next event is the first of its transaction
 
         # After stop(), read on to the end of a partly read transaction (bounded by the
         # shutdown timeout): its events delivered so far become confirmable, instead of being
@@ -326,18 +405,22 @@ class Relay:
             tracker.in_transaction and time.monotonic() < self._stop_deadline
         ):
             self._drain_completions()
+            # acknowledged events behind an unacknowledged one count too: the limit bounds
+            # what a restart from the confirmed position sends again (AckTracker.window)
+            window = tracker.window
             full = (
-                tracker.in_flight >= opts.max_in_flight_events
+                window >= opts.max_in_flight_events
                 or self._in_flight_bytes >= opts.max_in_flight_bytes
             )
             if full:
                 # Backpressure: stop reading, keep the server connection alive.
                 source.tick()
+                self._check_held()
                 self._check_stalled()
                 self._wait_for_wake(0.5)
                 continue
             # never read more events than the in-flight limit still allows
-            room = min(opts.read_batch, opts.max_in_flight_events - tracker.in_flight)
+            room = min(opts.read_batch, opts.max_in_flight_events - window)
             items = source.read(1.0, wake_fd, room)
             commit_time = self._commit_time
             for item in items:
@@ -350,6 +433,8 @@ class Relay:
                     self._in_flight_bytes += size
                     when = commit_time if commit_time is not None else item.created_at.timestamp()
                     c = _Completion(generation, txn, record, size, when, monotonic())
+                    if first:  # noted for the warning of _check_held
+                        txn.first, first = c, False
                     refused = self._refused.get(record.event_id) if self._refused else None
                     if refused is not None and opts.dead_letter_topic:
                         self._send_dead_letter(c, str(refused), too_large=refused.too_large)
@@ -358,7 +443,7 @@ class Relay:
                 elif kind is Begin:
                     assert isinstance(item, Begin)
                     tracker.begin()
-                    commit_time = item.commit_time
+                    commit_time, first = item.commit_time, True
                 elif kind is Commit:
                     assert isinstance(item, Commit)
                     tracker.commit(item.end)
@@ -376,7 +461,11 @@ class Relay:
             self._drain_wake()
             self._drain_completions()
             source.confirm(tracker.confirmed, tracker.delivered)
+            if tracker.confirmed != progress_at:
+                progress_at = tracker.confirmed
+                self._progressed()
             if tracker.in_flight:
+                self._check_held()
                 self._check_stalled()
             else:
                 self._waiting_since = 0.0
@@ -414,13 +503,11 @@ class Relay:
         self._generation += 1
         self._in_flight_bytes = 0
         self._unackable = 0
-        self._set_state(
-            "streaming",
+        self._connected(
             "streaming from %s, exactly once (last committed progress: %s)",
             source.describe(start),
             "none" if recorded is None else source.describe(recorded),
         )
-        backoff.reset()
         self._pump_transactional(key)
 
     def _pump_transactional(self, key: str) -> None:
@@ -436,8 +523,12 @@ class Relay:
         leftover: list[Item] = []
         commit_time: float | None = None
 
+        acked = [0]  # records Kafka acknowledged (only written by the client's IO thread)
+
         def on_done(exc: BaseException | None) -> None:
-            if exc is not None:
+            if exc is None:
+                acked[0] += 1
+            else:
                 errors.append(exc)
                 self._wake()
 
@@ -508,7 +599,9 @@ class Relay:
                 progress_state = getattr(source, "progress_state", None)
                 state = progress_state(last_end) if progress_state is not None else None
                 sink.send(Progress(key, last_end, state).record(opts.progress_topic), on_done)
-                txn_sink.commit_transaction(opts.transaction_timeout)
+                acked[0] -= len(sent) + 1  # < 0 while records of this transaction are pending
+                left = self._await_acks(sink, acked, errors, opts.transaction_timeout)
+                txn_sink.commit_transaction(left)
                 if errors:
                     raise self._transaction_error(errors[0])
                 now = time.monotonic()
@@ -517,6 +610,7 @@ class Relay:
             self.delivered = max(self.delivered, last_end)
             self.tracker.idle(last_end)
             source.confirm(self.tracker.confirmed, self.delivered)
+            self._progressed()
             if self._stopping.is_set() and not leftover:
                 return
 
@@ -586,6 +680,30 @@ class Relay:
             self.tracker = AckTracker(delivered)
             self.delivered = delivered
 
+    def _await_acks(
+        self, sink: Sink, acked: list[int], errors: list[BaseException], timeout: float
+    ) -> float:
+        """Exactly-once mode: flush in slices of a second until Kafka acknowledged the
+        transaction's records (``acked[0]`` back at 0), so that a silent broker gets the same
+        warning as in at-least-once mode. Returns what is left of ``timeout``."""
+        deadline = time.monotonic() + timeout
+        self._waiting_since = 0.0
+        seen = acked[0]
+        while acked[0] < 0 and not errors:
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            sink.flush(min(1.0, deadline - now))
+            self.loop_time = time.monotonic()
+            if acked[0] != seen:
+                seen = acked[0]
+                self._waiting_since = self.loop_time
+                if self._state == "stalled":
+                    self._set_state("streaming", "Kafka acknowledges again")
+            elif acked[0] < 0:
+                self._check_stalled(-acked[0])
+        return max(1.0, deadline - time.monotonic())
+
     def _transaction_error(self, exc: BaseException) -> OutboxError:
         if isinstance(exc, PermanentDeliveryError):
             self.observer.error("rejected")
@@ -605,7 +723,12 @@ class Relay:
         self.observer.error("undecodable")
         if not topic:
             raise PoisonEventError(f"{err}. {POISON_ADVICE}")
-        log.error("%s; sending it to dead-letter topic %s", err, topic)
+        self._log_repeating(
+            f"undecodable:{err.event_id}:{err}",
+            "%s; sending it to dead-letter topic %s",
+            err,
+            topic,
+        )
         return KafkaRecord(
             topic=topic,
             key=None,
@@ -614,22 +737,80 @@ class Relay:
             event_id=err.event_id or "",
         )
 
-    def _check_stalled(self) -> None:
+    def _check_stalled(self, waiting: int | None = None) -> None:
         """Say so (once) when the broker has acknowledged nothing for a while: the client
-        keeps retrying silently until its delivery timeout, which can be minutes."""
+        keeps retrying silently until its delivery timeout, which can be minutes.
+        ``waiting``: the records waiting (default: the tracker's events in flight)."""
         now = time.monotonic()
         if not self._waiting_since:
             self._waiting_since = now
-        elif now - self._waiting_since >= self.options.stall_warning and self._state == "streaming":
+        elif (
+            now - self._waiting_since >= self.options.stall_warning
+            and self._state == "streaming"
+            and not self._held_logged  # _check_held named the record it waits for
+        ):
             self._set_state(
                 "stalled",
                 "Kafka has acknowledged nothing for %.0fs; %d events waiting; nothing past %s is "
                 "confirmed; still trying",
                 now - self._waiting_since,
-                self.tracker.in_flight,
+                self.tracker.in_flight if waiting is None else waiting,
                 self.source.describe(self.tracker.confirmed),
                 level=logging.WARNING,
             )
+
+    def _check_held(self) -> None:
+        """Warn (then once a minute) when the confirmed position has not moved for the stall
+        threshold although Kafka acknowledges events: one record holds everything after it
+        back (e.g. for a partition that no longer exists), until the delivery timeout."""
+        now = time.monotonic()
+        waited = now - self._confirmed_at
+        tracker = self.tracker
+        behind = tracker.unconfirmed - tracker.in_flight  # acknowledged, not confirmed
+        if (
+            waited < self.options.stall_warning
+            or not self._confirmed_at
+            or (self._held_logged and now - self._held_logged < REMINDER_INTERVAL)
+            # a broker outage (nothing acknowledged lately, and fewer events acknowledged
+            # than waiting since the confirmed position) is _check_stalled's warning
+            or behind <= 0
+            or (
+                now - self._waiting_since >= self.options.stall_warning / 2
+                and behind < tracker.in_flight
+            )
+        ):
+            return
+        self._held_logged = now
+        log.warning(
+            "the confirmed position has not moved for %.0fs although Kafka acknowledges "
+            "events: %d events (%d acknowledged) wait behind the oldest unacknowledged record "
+            "(%s); nothing past %s is confirmed; reading stops at max_in_flight_events (%d)",
+            waited,
+            tracker.unconfirmed,
+            behind,
+            self._oldest_unacknowledged(now),
+            self.source.describe(tracker.confirmed),
+            self.options.max_in_flight_events,
+        )
+
+    def _oldest_unacknowledged(self, now: float) -> str:
+        """Topic, partition (from the client, when it tells) or key, and age of the record
+        confirmation waits for."""
+        probe = getattr(self.sink, "oldest_unacknowledged", None)
+        found = probe() if probe is not None else None
+        if found is not None:
+            topic, partition, age = found
+            return f"topic {topic}, partition {partition}, sent {age:.0f}s ago"
+        txn = self.tracker.oldest_unconfirmed
+        c = txn.first if txn is not None else None
+        if not isinstance(c, _Completion):
+            return "unknown"
+        key = c.record.key.decode(errors="replace") if c.record.key is not None else None
+        return (
+            f"topic {c.record.topic}, key {key!r}, sent {now - c.sent_at:.0f}s ago: the first "
+            f"of its transaction, {txn.pending if txn else 0} of whose "
+            f"{txn.events if txn else 0} events are unacknowledged"
+        )
 
     def _wait_for_wake(self, timeout: float) -> None:
         import select
@@ -691,8 +872,11 @@ class Relay:
         if isinstance(exc, PermanentDeliveryError):
             self.observer.error("rejected")
             if self.options.dead_letter_topic and c.record.topic != self.options.dead_letter_topic:
-                log.error(
-                    "%s; sending it to dead-letter topic %s", exc, self.options.dead_letter_topic
+                self._log_repeating(
+                    f"refused:{c.record.event_id}",
+                    "%s; sending it to dead-letter topic %s",
+                    exc,
+                    self.options.dead_letter_topic,
                 )
                 if c.record.event_id:
                     self._refused[c.record.event_id] = exc

@@ -14,6 +14,13 @@ Rules (issue "The WAL relay", "The ack rule"):
 
 ``delivered`` is the position of the last transaction *that carried events* and is fully
 acknowledged; it is what the relay records durably to avoid redelivery after a restart.
+
+``unconfirmed`` counts the events a restart would send again: every event from the oldest
+unconfirmed transaction up to the newest sent, acknowledged or not (an acknowledged event
+waiting behind an unacknowledged one is not confirmed either). ``window`` is what the relay's
+in-flight limit gates reading on: ``unconfirmed`` while a committed transaction waits for
+acknowledgments, else only the unacknowledged events of the open transaction, so that a single
+transaction larger than the limit still flows.
 No IO, no clock, no threads: the relay feeds it from one thread.
 """
 
@@ -25,22 +32,24 @@ from collections import deque
 class Transaction:
     """One source transaction in flight. ``pending`` counts events not yet acknowledged."""
 
-    __slots__ = ("end", "events", "pending")
+    __slots__ = ("end", "events", "first", "pending")
 
     def __init__(self) -> None:
         self.end = -1  # position once committed; -1 while the transaction is still open
         self.pending = 0
         self.events = 0
+        self.first: object = None  # the caller's note of its first event (for log lines)
 
 
 class AckTracker:
-    __slots__ = ("_in_txn", "_open", "_queue", "confirmed", "delivered", "in_flight")
+    __slots__ = ("_in_txn", "_open", "_queue", "_queued", "confirmed", "delivered", "in_flight")
 
     def __init__(self, start: int = 0) -> None:
         self.confirmed = start
         self.delivered = start
         self.in_flight = 0  # events sent and not acknowledged
         self._queue: deque[Transaction] = deque()  # committed, not fully acknowledged, in order
+        self._queued = 0  # events of the transactions in _queue (kept in commit and _drain)
         self._open: Transaction | None = None  # the open transaction once it has an event
         self._in_txn = False
 
@@ -82,6 +91,7 @@ class AckTracker:
             txn = Transaction()
         txn.end = end
         queue.append(txn)
+        self._queued += txn.events
         if txn.pending == 0:
             self._drain()
 
@@ -104,6 +114,26 @@ class AckTracker:
             self.confirmed = position
 
     @property
+    def unconfirmed(self) -> int:
+        """Events sent since the confirmed position, acknowledged or not: what a restart from
+        ``confirmed`` would send again."""
+        txn = self._open
+        return self._queued + (txn.events if txn is not None else 0)
+
+    @property
+    def window(self) -> int:
+        """What counts against the in-flight limit: ``unconfirmed`` while a committed
+        transaction is not fully acknowledged; otherwise the open transaction's unacknowledged
+        events (``in_flight``), so a transaction larger than the limit is never stopped by its
+        own acknowledged events."""
+        return self.unconfirmed if self._queue else self.in_flight
+
+    @property
+    def oldest_unconfirmed(self) -> Transaction | None:
+        """The committed transaction confirmation waits for (None when none waits)."""
+        return self._queue[0] if self._queue else None
+
+    @property
     def in_transaction(self) -> bool:
         """True between begin() and commit(): a transaction is partly read."""
         return self._in_txn
@@ -120,6 +150,7 @@ class AckTracker:
             if head.pending or head.end < 0:
                 break
             queue.popleft()
+            self._queued -= head.events
             if head.end > self.confirmed:
                 self.confirmed = head.end
             if head.events and head.end > self.delivered:

@@ -36,6 +36,7 @@ from outbox_cdc.errors import (
     SinkError,
 )
 from outbox_cdc.events import KafkaRecord
+from outbox_cdc.sinks import topics
 from outbox_cdc.sinks.base import DeliveryCallback
 from outbox_cdc.sinks.kafka import KafkaOptions
 from outbox_cdc.sinks.security import describe_failure
@@ -60,6 +61,7 @@ _PERMANENT = frozenset(
         KafkaError.UNSUPPORTED_FOR_MESSAGE_FORMAT,
     }
 )
+TOPIC_CHECK_INTERVAL = 5.0  # seconds between two checks of the known topics' partition counts
 # "No such topic": permanent only when the relay may not create topics.
 _UNKNOWN_TOPIC = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC})
 
@@ -195,6 +197,26 @@ class ConfluentSink:
             target=self._poll_loop, name="outbox-cdc-confluent-poll", daemon=True
         )
         self._poller.start()
+        self._watcher = threading.Thread(
+            target=self._watch_loop, name="outbox-cdc-confluent-topics", daemon=True
+        )
+        self._watcher.start()
+
+    def _watch_loop(self) -> None:
+        """Every few seconds, the partition counts of the known topics (off the relay's
+        thread): a topic that disappeared or shrank leaves ``_known_topics``, so its next
+        record goes through :meth:`_ensure_topic`, which raises TopicChangedError."""
+        cluster = self.options.bootstrap_servers
+        while not self._closing.wait(TOPIC_CHECK_INTERVAL):
+            for topic in list(self._known_topics):
+                try:
+                    metadata = self._producer.list_topics(topic, timeout=self._block_s)
+                except Exception as exc:  # broker unreachable: the relay reports that itself
+                    log.debug("checking topic %s failed: %s", topic, exc)
+                    continue
+                count = _partition_count(metadata, topic)
+                if count != -1 and topics.changed(cluster, topic, count):
+                    self._known_topics.discard(topic)
 
     def _on_error(self, err: KafkaError) -> None:
         """librdkafka's client-level errors (broker down, authentication...), served by poll.
@@ -265,7 +287,14 @@ class ConfluentSink:
                 raise SinkError(
                     f"Kafka metadata unavailable: {err.name() if err else exc}"
                 ) from None
-            if topic not in metadata.topics or metadata.topics[topic].error is not None:
+            cluster = self.options.bootstrap_servers
+            count = _partition_count(metadata, topic)
+            if count == -1:
+                raise SinkError(
+                    f"Kafka metadata of topic {topic!r} unavailable: {_error_name(metadata, topic)}"
+                )
+            if count is None:
+                topics.check(cluster, topic, None)  # raises if it was seen before
                 if not self.options.create_topics:
                     raise PermanentDeliveryError(
                         "topic does not exist and topic creation is off "
@@ -273,6 +302,8 @@ class ConfluentSink:
                         topic=topic,
                     )
                 self._create_topic(topic)
+                count = self.options.topic_partitions
+            topics.check(cluster, topic, count)
             self._known_topics.add(topic)
 
     def _create_topic(self, topic: str) -> None:
@@ -379,12 +410,29 @@ class ConfluentSink:
             log.debug("flushing the Kafka producer at close failed: %s", exc)
         self._closing.set()
         self._poller.join(5)
+        self._watcher.join(5)
         try:
             self._producer.poll(0)  # serve the purge reports: on_done with an error
             self._producer.close()
         except Exception as exc:
             log.debug("closing the Kafka producer failed: %s", exc)
         self._admin_client = None
+
+
+def _partition_count(metadata: Any, topic: str) -> int | None:
+    """Partitions of ``topic`` in a list_topics answer: None if the topic does not exist, -1
+    if the answer has another error for it (leader not available...: not a verdict)."""
+    t = metadata.topics.get(topic)
+    if t is None:
+        return None
+    if t.error is not None:
+        return None if t.error.code() in _UNKNOWN_TOPIC else -1
+    return len(t.partitions)
+
+
+def _error_name(metadata: Any, topic: str) -> str:
+    t = metadata.topics.get(topic)
+    return str(t.error.name()) if t is not None and t.error is not None else "unknown"
 
 
 def _delivered(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ from outbox_cdc.errors import (
     SinkError,
 )
 from outbox_cdc.events import KafkaRecord
+from outbox_cdc.sinks import topics
 from outbox_cdc.sinks.base import DeliveryCallback
 from outbox_cdc.sinks.security import kafka_python_failures
 
@@ -145,7 +147,11 @@ class KafkaSink:
         options = self.options
         try:
             with kafka_python_failures() as failures:
-                return kafka.KafkaProducer(**self._config)
+                producer = kafka.KafkaProducer(**self._config)
+            # told on every metadata update (the client's IO thread): a topic that disappeared
+            # or shrank is checked again before its next record (see _on_metadata)
+            producer._metadata.add_listener(self._on_metadata)
+            return producer
         except kerr.KafkaTimeoutError:
             raise SinkError(
                 f"no Kafka broker answered at {options.bootstrap_servers} "
@@ -186,14 +192,35 @@ class KafkaSink:
 
     # -- topics ---------------------------------------------------------------------------------
 
+    def _on_metadata(self, cluster: Any) -> None:
+        """kafka-python's metadata listener: a known topic whose partitions are now fewer than
+        seen (or missing) leaves ``_known_topics``, so its next record goes through
+        :meth:`_ensure_topic`, which raises TopicChangedError. No work per record."""
+        try:
+            for topic in list(self._known_topics):
+                parts = cluster.partitions_for_topic(topic)
+                count = len(parts) if parts is not None else None
+                if topics.changed(self.options.bootstrap_servers, topic, count):
+                    self._known_topics.discard(topic)
+        except Exception as exc:  # never break the client's IO thread
+            log.debug("checking the topics' metadata failed: %s", exc)
+
+    def _partition_count(self, admin: KafkaAdminClient, topic: str) -> int | None:
+        described = admin.describe_topics([topic])
+        if not described or described[0].get("error_code"):
+            return None
+        return len(described[0]["partitions"])
+
     def _ensure_topic(self, topic: str) -> None:
         with self._topic_lock:
             if topic in self._known_topics:
                 return
             admin = self._admin()
+            cluster = self.options.bootstrap_servers
             try:
                 existing = set(admin.list_topics())
                 if topic not in existing:
+                    topics.check(cluster, topic, None)  # raises if it was seen before
                     if not self.options.create_topics:
                         raise PermanentDeliveryError(
                             "topic does not exist and topic creation is off "
@@ -218,9 +245,16 @@ class KafkaSink:
                         )
                     except kerr.TopicAlreadyExistsError:
                         pass
+                partitions = self._partition_count(admin, topic)
+            except kerr.UnknownTopicOrPartitionError:
+                partitions = None
             except kerr.KafkaError as exc:
                 self._close_admin()
                 raise classify(exc) from None
+            if partitions is None and topics.expected(cluster, topic) is None:
+                # just created and not described yet: it has what we asked for
+                partitions = self.options.topic_partitions
+            topics.check(cluster, topic, partitions)
             self._known_topics.add(topic)
 
     def _admin(self) -> KafkaAdminClient:
@@ -320,6 +354,20 @@ class KafkaSink:
                 on_done(classify(exc, record))
         finally:
             self._resolved()
+
+    def oldest_unacknowledged(self) -> tuple[str, int, float] | None:
+        """Topic, partition and age (seconds) of the oldest batch the broker has not
+        acknowledged, from kafka-python's accumulator (for a warning: never on the hot path);
+        None when nothing is pending or the client does not tell."""
+        try:
+            batches = self._producer._accumulator._incomplete.all()
+            if not batches:
+                return None
+            oldest = min(batches, key=lambda b: b.created)
+            tp = oldest.topic_partition
+            return str(tp.topic), int(tp.partition), time.monotonic() - float(oldest.created)
+        except Exception:  # internals of another kafka-python version: say nothing
+            return None
 
     # -- transactions (exactly-once mode) -------------------------------------------------------
 

@@ -25,9 +25,13 @@ from tests.acceptance.harness import (
     Arrivals,
     Database,
     LoadGenerator,
+    check,
+    read_topic,
+    report,
     slot_row,
 )
 from tests.support.faultproxy import FaultProxy
+from tests.support.kafka import delete_topic
 from tests.support.postgres import lsn_to_int
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.kafka, pytest.mark.timeout(420)]
@@ -222,3 +226,75 @@ def test_polling_relay_through_blackholes_and_resets_with_a_kill_loses_nothing(
         restarts = relay.all_logs().count("streaming from") - 1
         assert res.duplicates <= max(1, restarts) * 500, res.summary()
         assert resets >= 5
+
+
+@pytest.mark.fault_proxy
+def test_exactly_once_relay_warns_during_a_25s_kafka_blackhole_and_loses_nothing(
+    relays: Relays,
+    postgres_url: str,
+    kafka_bootstrap: str,
+    outbox_table: str,
+    topic: str,
+    pg_proxy: FaultProxy,
+    kafka_proxy: FaultProxy,
+) -> None:
+    """Exactly-once mode, Kafka unreachable (blackhole) for 25 s under load: the relay says
+    that Kafka acknowledges nothing (the at-least-once warning) within 20 s, where it used to
+    wait silently in its commit; after the heal, a read_committed consumer sees every
+    committed event once, in key order."""
+    s = start_scenario(
+        relays,
+        postgres_url,
+        kafka_bootstrap,
+        outbox_table,
+        topic,
+        pg_proxy,
+        kafka_proxy,
+        seconds=40,
+        exactly_once="true",
+        progress_topic=f"{topic}-progress",
+    )
+    try:
+        kafka_proxy.blackhole()
+        blackholed = time.monotonic()
+        match = s.relay.wait_for_log(
+            r"WARNING outbox_cdc\.relay: Kafka has acknowledged nothing", 22
+        )
+        warned_after = time.monotonic() - blackholed
+        warning = next(
+            line for line in s.relay.log_text().splitlines() if "acknowledged nothing" in line
+        )
+        assert match
+        time.sleep(max(0.0, 25 - (time.monotonic() - blackholed)))
+        kafka_proxy.heal()
+        s.healed()
+        result = s.load.join(timeout=120)
+        records = read_topic(
+            kafka_bootstrap,
+            topic,
+            expect_ids=result.committed,
+            timeout=120,
+            settle=2,
+            isolation_level="read_committed",
+        )
+        res = check(records, result, sources=s.sources)
+        before_heal = [w for w in result.committed.values() if w.written_at < s.healed_at]
+        recovered = s.arrivals.recovered_after(s.healed_at, before_heal)
+        report(
+            "exactly once: kafka blackhole 25s",
+            committed=len(result.committed),
+            warned_after_s=f"{warned_after:.1f}",
+            warning=warning[24:150],
+            read_committed_duplicates=res.duplicates,
+            recovered_after_heal_s=None if recovered is None else f"{recovered:.1f}",
+            total_s=f"{time.monotonic() - s.t0:.1f}",
+            check=res.summary(),
+        )
+        assert s.relay.running, s.relay.log_text()
+        assert warned_after < 20, warned_after
+        res.assert_complete(exactly_once=True)
+        assert recovered is not None and recovered < 60, recovered
+    finally:
+        s.arrivals.stop()
+        s.relay.kill()
+        delete_topic(kafka_bootstrap, f"{topic}-progress")

@@ -150,3 +150,100 @@ def test_confirmed_never_passes_an_unacknowledged_event(sizes: list[int], seed: 
         check()
     assert t.confirmed >= ends[-1]
     assert t.in_flight == 0
+
+
+def test_acknowledged_events_behind_an_unacknowledged_one_count_as_unconfirmed() -> None:
+    """What a restart from ``confirmed`` would send again: the stuck first event, and every
+    event after it, acknowledged or not."""
+    t = AckTracker(0)
+    t.begin()
+    stuck = t.add_event()
+    t.commit(10)
+    tickets = []
+    for end in (20, 30, 40):
+        t.begin()
+        tickets.append((t.add_event(), t.add_event()))
+        t.commit(end)
+    for a, b in tickets:
+        t.ack(a)
+        t.ack(b)
+    assert (t.in_flight, t.unconfirmed, t.window, t.confirmed) == (1, 7, 7, 0)
+    assert t.oldest_unconfirmed is stuck
+    t.begin()
+    t.add_event()
+    assert (t.unconfirmed, t.window) == (8, 8)  # the open transaction counts too
+    t.ack(stuck)
+    assert (t.confirmed, t.in_flight, t.unconfirmed, t.window) == (40, 1, 1, 1)
+    assert t.oldest_unconfirmed is None
+
+
+def test_a_transaction_larger_than_the_window_is_gated_on_its_unacknowledged_events() -> None:
+    """Nothing committed waits: the open transaction's own acknowledged events do not count
+    against the in-flight limit (else a transaction larger than it could never complete)."""
+    t = AckTracker(0)
+    t.begin()
+    for _ in range(1000):
+        t.ack(t.add_event())
+    assert (t.in_flight, t.unconfirmed, t.window) == (0, 1000, 0)
+    t.commit(10)
+    assert (t.confirmed, t.unconfirmed, t.window) == (10, 0, 0)
+
+
+def test_empty_transactions_add_nothing_to_the_unconfirmed_count() -> None:
+    t = AckTracker(0)
+    t.begin()
+    ticket = t.add_event()
+    t.commit(10)
+    for end in (20, 30):
+        t.begin()
+        t.commit(end)
+    assert (t.unconfirmed, t.window) == (1, 1)
+    t.ack(ticket)
+    assert (t.confirmed, t.unconfirmed) == (30, 0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=4), min_size=1, max_size=30),
+    seed=st.integers(min_value=0, max_value=2**32),
+)
+def test_unconfirmed_counts_every_event_after_the_confirmed_position(
+    sizes: list[int], seed: int
+) -> None:
+    """Model check: after every step, ``unconfirmed`` is the number of events of the
+    transactions whose commit end is past ``confirmed`` (plus the open one's), ``window`` is
+    that count while a committed transaction waits and ``in_flight`` otherwise, and
+    ``window >= in_flight``."""
+    rng = random.Random(seed)
+    t = AckTracker(0)
+    txns: list[tuple[int, int]] = []  # (commit end, events) of committed transactions
+    outstanding: list[object] = []
+    pos = 0
+
+    def check(open_events: int) -> None:
+        expected = sum(n for end, n in txns if end > t.confirmed) + open_events
+        assert t.unconfirmed == expected
+        waiting = any(end > t.confirmed for end, _ in txns)
+        assert t.window == (expected if waiting else t.in_flight)
+        assert t.window >= t.in_flight
+
+    for size in sizes:
+        t.begin()
+        for i in range(size):
+            ticket = t.add_event()
+            if rng.random() < 0.3:
+                t.ack(ticket)
+            else:
+                outstanding.append(ticket)
+            check(i + 1)
+        pos += rng.randint(1, 100)
+        t.commit(pos)
+        txns.append((pos, size))
+        check(0)
+        while outstanding and rng.random() < 0.5:
+            t.ack(outstanding.pop(rng.randrange(len(outstanding))))  # type: ignore[arg-type]
+            check(0)
+    while outstanding:
+        t.ack(outstanding.pop(rng.randrange(len(outstanding))))  # type: ignore[arg-type]
+        check(0)
+    assert (t.unconfirmed, t.window, t.in_flight) == (0, 0, 0)

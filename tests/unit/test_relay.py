@@ -344,3 +344,262 @@ def test_an_acknowledgment_during_the_wake_drain_is_not_lost() -> None:
     relay._wake()  # the next acknowledgment
     readable, _, _ = select.select([real], [], [], 0)
     assert readable, "the wake-up byte of the next acknowledgment was never sent"
+
+
+def test_acknowledged_events_behind_a_stuck_one_stop_reading_at_the_in_flight_limit() -> None:
+    """One record never acknowledged (a partition that no longer exists), every later one
+    acknowledged: reading stops once the events since the confirmed position reach the limit,
+    so a restart sends at most that many again."""
+
+    class OneStuck(MemorySink):
+        def send(self, record: KafkaRecord, on_done: object) -> None:
+            if record.value == b"1":
+                return  # never acknowledged
+            super().send(record, on_done)  # type: ignore[arg-type]
+
+    sink = OneStuck()
+    items: list[Item] = []
+    for n in range(1, 101):
+        items += txn(n * 10, n)
+    source = FakeSource(items)
+    source.stop_when_drained = False
+    relay = Relay(source, lambda: sink, RelayOptions(max_in_flight_events=10, shutdown_timeout=0.2))
+    t = threading.Thread(target=relay.run, daemon=True)
+    t.start()
+    threading.Event().wait(0.5)
+    relay.stop()
+    t.join(5)
+    assert len(sink.records) == 9  # events 2..10: 10 unconfirmed with the stuck one
+    assert source.confirmed == 0
+
+
+def test_a_transaction_larger_than_the_in_flight_limit_still_flows() -> None:
+    sink = MemorySink()
+    source = FakeSource([BEGIN, *(event(n) for n in range(1, 51)), Commit(500), *txn(510, 51)])
+    run(source, lambda: sink, max_in_flight_events=5)
+    assert payloads(sink.records) == [str(n).encode() for n in range(1, 52)]
+    assert source.confirmed == 510
+
+
+class FailingReads(FakeSource):
+    """Opens fine, then every read fails (privileges revoked) ``failures`` times."""
+
+    def __init__(self, items: list[Item], failures: int) -> None:
+        super().__init__(items)
+        self.failures = failures
+
+    def read(self, timeout: float, wake_fd: int, max_items: int) -> list[Item]:
+        if self.failures:
+            self.failures -= 1
+            raise SourceError("FakeDB: permission denied for table outbox")
+        return super().read(timeout, wake_fd, max_items)
+
+
+def test_a_failure_right_after_connecting_backs_off_further_and_logs_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backoff is not reset by a successful connect, only by progress; the log has one
+    ERROR line, one "streaming from" for the first reconnect, a reminder a minute, and one
+    line when delivery resumes."""
+    import outbox_cdc.relay as relay_module
+
+    monkeypatch.setattr(relay_module, "REMINDER_INTERVAL", 0.05)
+    sink = MemorySink()
+    source = FailingReads(txn(10, 1) + txn(20, 2), failures=7)
+    relay = Relay(
+        source,
+        lambda: sink,
+        RelayOptions(backoff_initial=0.001, backoff_max=0.064, standby_poll_interval=0.01),
+    )
+    source.relay = relay
+    delays: list[float] = []
+    real_sleep = relay._sleep
+
+    def sleep(seconds: float) -> None:
+        delays.append(seconds)
+        real_sleep(seconds)
+
+    relay._sleep = sleep  # type: ignore[method-assign]
+    with caplog.at_level("DEBUG", logger="outbox_cdc.relay"):
+        relay.run()
+    assert len(delays) == 7
+    nominal = [0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064]
+    for delay, expected in zip(delays, nominal, strict=True):
+        assert 0.75 * expected <= delay <= expected  # doubling, with jitter
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    errors = [m for level, m in lines if level == "ERROR"]
+    assert errors[0].startswith("FakeDB: permission denied")
+    assert all(m.startswith("still failing after") for m in errors[1:]), errors
+    assert len(errors) <= 4, errors  # the first line and reminders, not one per retry
+    streaming = [m for level, m in lines if level == "INFO" and "streaming from" in m]
+    assert len(streaming) == 2, streaming  # the start, and the first reconnect
+    assert any(level == "INFO" and m.startswith("delivering again after") for level, m in lines)
+    assert payloads(sink.records) == [b"1", b"2"]
+    assert source.confirmed == 20
+
+
+def test_progress_resets_the_backoff() -> None:
+    sink = MemorySink()
+    source = FailingReads(txn(10, 1) + txn(20, 2), failures=3)
+    relay = Relay(source, lambda: sink, RelayOptions(backoff_initial=0.001, backoff_max=1.0))
+    source.relay = relay
+    relay.run()
+    assert source.confirmed == 20
+    assert relay._backoff.current == 0.001
+
+
+def test_a_dead_letter_sent_again_after_each_restart_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An undecodable row (WAL: replayed after every pipeline restart) whose dead letter keeps
+    failing (retriably): its ERROR line once, not once per restart."""
+    sinks: list[MemorySink] = []
+
+    class DeadLetterFails(MemorySink):
+        def send(self, record: KafkaRecord, on_done: object) -> None:
+            if record.topic == "dlq" and len(sinks) < 6:
+                on_done(SinkError("dead-letter topic unavailable"))  # type: ignore[operator]
+                return
+            super().send(record, on_done)  # type: ignore[arg-type]
+
+    def factory() -> MemorySink:
+        sinks.append(DeadLetterFails())
+        return sinks[-1]
+
+    bad = EventDecodeError("headers must be a JSON object", event_id="e-1", lsn="0/14")
+    source = FakeSource([*txn(10, 1), BEGIN, bad, Commit(20), *txn(30, 3)])
+    with caplog.at_level("INFO", logger="outbox_cdc.relay"):
+        run(source, factory, dead_letter_topic="dlq")
+    assert source.confirmed == 30
+    assert len(sinks) == 6
+    dead_letter_lines = [r for r in caplog.records if "sending it to dead-letter" in r.getMessage()]
+    assert len(dead_letter_lines) == 1, [r.getMessage() for r in dead_letter_lines]
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2, [r.getMessage() for r in errors]  # the dead letter, the failure
+
+
+def test_a_record_holding_the_confirmed_position_back_is_named_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Kafka acknowledges everything but one record: a warning names it (topic, key, age)
+    after the stall threshold, once, and the recovery has one line too."""
+
+    class OneStuck(MemorySink):
+        def send(self, record: KafkaRecord, on_done: object) -> None:
+            if record.value == b"1":
+                self.stuck = on_done
+                return
+            super().send(record, on_done)  # type: ignore[arg-type]
+
+    sink = OneStuck()
+    items: list[Item] = []
+    for n in range(1, 31):
+        items += txn(n * 10, n)
+    source = FakeSource(items)
+    source.stop_when_drained = False
+    relay = Relay(
+        source,
+        lambda: sink,
+        RelayOptions(max_in_flight_events=20, stall_warning=0.3, shutdown_timeout=1),
+    )
+    t = threading.Thread(target=relay.run, daemon=True)
+    with caplog.at_level("INFO", logger="outbox_cdc.relay"):
+        t.start()
+        threading.Event().wait(1.2)
+        sink.stuck(None)
+        threading.Event().wait(0.5)
+        relay.stop()
+        t.join(5)
+    held = [r for r in caplog.records if "has not moved" in r.getMessage()]
+    assert len(held) == 1, [r.getMessage() for r in held]
+    assert held[0].levelname == "WARNING"
+    message = held[0].getMessage()
+    assert "20 events (19 acknowledged)" in message, message
+    assert "topic t, key 'k', sent" in message, message
+    assert not any("acknowledged nothing" in r.getMessage() for r in caplog.records)
+    assert any("moves again" in r.getMessage() for r in caplog.records)
+    assert source.confirmed == 300
+
+
+def test_exactly_once_warns_when_kafka_acknowledges_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The at-least-once warning, in exactly-once mode: the Kafka transaction's records wait
+    (a broker outage) while the relay flushes before committing."""
+
+    class TransactionalMemorySink(MemorySink):
+        def begin_transaction(self) -> None:
+            pass
+
+        def commit_transaction(self, timeout: float) -> None:
+            if self.pending:
+                raise SinkError("not acknowledged")
+
+        def abort_transaction(self) -> None:
+            pass
+
+        def flush(self, timeout: float) -> None:
+            if self.auto_ack:
+                self.complete()
+            else:
+                threading.Event().wait(min(timeout, 0.05))
+
+    sink = TransactionalMemorySink(auto_ack=False)
+    source = FakeSource(txn(10, 1) + txn(20, 2))
+    source.stop_when_drained = False
+    source.check_available = lambda: None  # type: ignore[attr-defined]
+    source.progress_key = lambda: "fake"  # type: ignore[attr-defined]
+
+    class Store:
+        def load(self, key: str) -> None:
+            return None
+
+    relay = Relay(
+        source,
+        lambda: sink,
+        RelayOptions(exactly_once=True, stall_warning=0.5, transaction_timeout=30),
+        progress_store=Store(),
+    )
+    t = threading.Thread(target=relay.run, daemon=True)
+    with caplog.at_level("INFO", logger="outbox_cdc.relay"):
+        t.start()
+        threading.Event().wait(2.5)
+        assert source.confirmed == 0
+        sink.auto_ack = True
+        sink.complete()
+        threading.Event().wait(1.5)
+        relay.stop()
+        t.join(10)
+    stalled = [r for r in caplog.records if "acknowledged nothing" in r.getMessage()]
+    assert len(stalled) == 1, [r.getMessage() for r in caplog.records]
+    assert stalled[0].levelname == "WARNING"
+    assert any("acknowledges again" in r.getMessage() for r in caplog.records)
+    assert source.confirmed == 20
+
+
+def test_a_broker_outage_with_a_few_acknowledged_events_is_still_a_silent_broker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The outage began in the middle of a transaction (its first event acknowledged): that is
+    "Kafka has acknowledged nothing", not one record holding the others back."""
+
+    class AcksFirstOnly(StuckSink):
+        def send(self, record: KafkaRecord, on_done: object) -> None:
+            if record.value == b"1":
+                on_done(None)  # type: ignore[operator]
+                return
+            super().send(record, on_done)  # type: ignore[arg-type]
+
+    sink = AcksFirstOnly(auto_ack=False)
+    source = FakeSource(txn(10, 1, 2) + txn(20, 3) + txn(30, 4) + txn(40, 5))
+    source.stop_when_drained = False
+    relay = Relay(source, lambda: sink, RelayOptions(stall_warning=0.3, shutdown_timeout=0.5))
+    t = threading.Thread(target=relay.run, daemon=True)
+    with caplog.at_level("INFO", logger="outbox_cdc.relay"):
+        t.start()
+        threading.Event().wait(1.0)
+        relay.stop()
+        t.join(5)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("acknowledged nothing" in m and "4 events waiting" in m for m in messages), messages
+    assert not any("has not moved" in m for m in messages), messages
